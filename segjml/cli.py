@@ -1,0 +1,39 @@
+"""Entry points shared by ``train.py`` and the ``segjml-train`` console script."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("segjml")
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, weights, checkpoint) reported as one line."""
+
+
+def run_training(cfg: DictConfig) -> float:
+    """Train from a composed config; input errors end the process with one line and exit code 2."""
+    from segjml.data.errors import DataError
+    from segjml.engine import train
+    from segjml.engine.checkpoint import CheckpointError
+    from segjml.models import PretrainedWeightsError
+
+    try:
+        return train(cfg)["miou"]
+    except (UserError, DataError, CheckpointError, PretrainedWeightsError, FloatingPointError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train_main() -> None:
+    """``segjml-train``: the same as ``python train.py`` with the configs shipped next to the package."""
+    from pathlib import Path
+
+    import hydra
+
+    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
+    hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(run_training)()

@@ -1,0 +1,61 @@
+"""Build data sets and loaders from the ``dataset`` config group."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from segjml.data.transforms import train_transform, val_transform
+
+
+def build_dataset(cfg: DictConfig, split: str) -> Dataset:
+    """Instantiate ``cfg.<split>`` (a ``_target_`` node) with the pipeline of that split.
+
+    Args:
+        cfg: the ``dataset`` config: ``train`` / ``val`` nodes, ``crop_size``, ``scale_range``, ``mean``, ``std``,
+            ``ignore_index``.
+        split: ``train`` or ``val``.
+    """
+    if split == "train":
+        transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std, cfg.ignore_index)
+    else:
+        transform = val_transform(cfg.mean, cfg.std)
+    return instantiate(cfg[split], transform=transform)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; numpy and random follow that seed.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    seed: int = 0,
+    distributed: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A reproducible loader: seeded shuffling and worker seeds; ``DistributedSampler`` under DDP."""
+    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=train,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
