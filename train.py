@@ -6,6 +6,8 @@ A thin Hydra entry point; everything happens in :func:`segjml.engine.train`.
 import hydra
 from omegaconf import DictConfig
 
+import segjml.config  # noqa: F401  (registers the typed config schemas)
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:

@@ -35,5 +35,7 @@ def train_main() -> None:
 
     import hydra
 
+    import segjml.config  # noqa: F401
+
     config_dir = str(Path(__file__).resolve().parent.parent / "configs")
     hydra.main(version_base="1.3", config_path=config_dir, config_name="train")(run_training)()

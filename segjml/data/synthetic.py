@@ -74,7 +74,9 @@ def _shape_mask(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: 
     return inside
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 96, noise: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+def make_sample(
+    seed: int, split: str, index: int, size: int = 64, noise: float = 0.08
+) -> tuple[np.ndarray, np.ndarray]:
     """Generate one sample.
 
     Returns:
@@ -115,7 +117,7 @@ class SyntheticSegmentation(Dataset):
     palette = PALETTE
     ignore_index = 255
 
-    def __init__(self, split: str = "train", length: int = 1000, size: int = 96, seed: int = 0, transform=None) -> None:
+    def __init__(self, split: str = "train", length: int = 1000, size: int = 64, seed: int = 0, transform=None) -> None:
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_OFFSET)}, got '{split}'")
         self.split, self.length, self.size, self.seed, self.transform = split, length, size, seed, transform

@@ -50,6 +50,12 @@ def infinite(loader):
         epoch += 1
 
 
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """Learning rate of the backbone groups (``lr_mult == 1``); heads run at ``head_lr_mult`` times it."""
+    return next((g["lr"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) == 1.0),
+                optimizer.param_groups[0]["lr"])
+
+
 class JsonlLogger:
     """Append one JSON object per logged step to ``log.jsonl``."""
 
@@ -150,7 +156,7 @@ def train(cfg: DictConfig) -> dict:
         done = it + 1
         if done % tcfg.log_interval == 0 or done == tcfg.max_iters:
             values = {k: v.item() for k, v in terms.items()}
-            values["lr"] = optimizer.param_groups[0]["lr"]
+            values["lr"] = base_lr(optimizer)
             values["data_time"], values["step_time"] = data_time / tcfg.log_interval, step_time / tcfg.log_interval
             data_time = step_time = 0.0
             if device.type == "cuda":

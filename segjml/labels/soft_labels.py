@@ -36,8 +36,8 @@ class SmoothedLabels:
     def to_dense(self) -> torch.Tensor:
         """The ``(B, C, H, W)`` float target; ignored pixels get all-zero rows."""
         keep = self.labels != self.ignore_index
-        onehot = F.one_hot(torch.where(keep, self.labels, 0), self.num_classes).permute(0, 3, 1, 2).float()
-        eps = self.eps[:, None].float()
+        onehot = F.one_hot(torch.where(keep, self.labels, 0), self.num_classes).permute(0, 3, 1, 2).to(self.eps.dtype)
+        eps = self.eps[:, None]
         return ((1 - eps) * onehot + eps / self.num_classes) * keep[:, None]
 
     @property
@@ -74,10 +74,12 @@ def boundary_label_smoothing(
     if strict_ignore and not math.isinf(kernel_size):
         labels = labels.masked_fill(near_ignore_map(labels, int(kernel_size), ignore_index), ignore_index)
         mask = mask & (labels != ignore_index)
-    return SmoothedLabels(labels, mask.to(torch.float32) * eps, num_classes, ignore_index)
+    return SmoothedLabels(labels, mask.to(torch.get_default_dtype()) * eps, num_classes, ignore_index)
 
 
-def label_smoothing(labels: torch.Tensor, num_classes: int, eps: float = 0.1, ignore_index: int = 255) -> SmoothedLabels:
+def label_smoothing(
+    labels: torch.Tensor, num_classes: int, eps: float = 0.1, ignore_index: int = 255
+) -> SmoothedLabels:
     """Plain label smoothing on every pixel (BLS with ``k = inf``)."""
     return boundary_label_smoothing(labels, num_classes, eps, math.inf, ignore_index)
 

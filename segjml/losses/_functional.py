@@ -142,7 +142,9 @@ def jaccard_from_statistics(
         tp, fp, fn = inner, stats["sx2"] - inner, stats["sy2"] - inner
     else:
         raise ValueError(f"unknown Jaccard variant '{variant}'; choose one of {', '.join(VARIANTS)}")
-    ratio = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth).clamp_min(1e-12)
+    den = tp + alpha * fp + beta * fn + smooth
+    # x = y = 0 (an empty class without smoothing) is distance 0: ratio 1.
+    ratio = torch.where(den > 0, (tp + smooth) / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
     if log_loss:
         return -torch.log(ratio.clamp_min(1e-12))
     loss = (1 - ratio).clamp_min(0)

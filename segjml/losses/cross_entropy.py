@@ -9,7 +9,7 @@ from torch import nn
 
 from segjml.labels.soft_labels import label_smoothing
 from segjml.losses import _functional as Fn
-from segjml.losses.validation import check_target
+from segjml.losses.validation import check_target, upcast
 
 
 class CrossEntropyLoss(nn.Module):
@@ -34,4 +34,4 @@ class CrossEntropyLoss(nn.Module):
         keep = check_target(logits, target, self.ignore_index, keep)
         if self.label_smoothing and not Fn.is_soft(target):
             target = label_smoothing(target, logits.shape[1], self.label_smoothing, self.ignore_index)
-        return Fn.soft_cross_entropy(logits.float(), target, keep, self.class_weights)
+        return Fn.soft_cross_entropy(upcast(logits), target, keep, self.class_weights)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from segjml.losses import _functional as Fn
-from segjml.losses.validation import check_target
+from segjml.losses.validation import check_target, upcast
 
 
 class JaccardMetricLoss(nn.Module):
@@ -61,7 +61,8 @@ class JaccardMetricLoss(nn.Module):
                 raise ValueError(f"unknown active_classes '{mode}'; choose one of {', '.join(Fn.ACTIVE_MODES)}")
         self.variant, self.alpha, self.beta, self.gamma, self.log_loss = variant, alpha, beta, gamma, log_loss
         self.smooth, self.ignore_index, self.threshold = smooth, ignore_index, threshold
-        self.active_classes, self.active_hard, self.active_soft = active_classes, active_classes_hard, active_classes_soft
+        self.active_classes = active_classes
+        self.active_hard, self.active_soft = active_classes_hard, active_classes_soft
         self.miou_d, self.miou_i, self.miou_c, self.sync_stats = miou_d, miou_i, miou_c, sync_stats
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
@@ -71,7 +72,7 @@ class JaccardMetricLoss(nn.Module):
         if self.class_weights is not None and self.class_weights.numel() != logits.shape[1]:
             raise ValueError(f"class_weights has {self.class_weights.numel()} entries but logits have "
                              f"{logits.shape[1]} classes")
-        probs = logits.float().softmax(dim=1)
+        probs = upcast(logits).softmax(dim=1)
         mode = self.active_classes or (self.active_soft if Fn.is_soft(target) else self.active_hard)
         stats = Fn.class_statistics(
             probs, target, keep, need_squares=self.variant == "sjl_l2",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from segjml.losses import _functional as Fn
-from segjml.losses.validation import check_target
+from segjml.losses.validation import check_target, upcast
 
 
 class LovaszSoftmaxLoss(nn.Module):
@@ -31,4 +31,4 @@ class LovaszSoftmaxLoss(nn.Module):
                 "(label smoothing, BLS, distillation): use JaccardMetricLoss instead"
             )
         keep = check_target(logits, target, self.ignore_index, keep)
-        return Fn.lovasz_softmax(logits.float().softmax(1), torch.where(keep, target, 0), keep, self.classes)
+        return Fn.lovasz_softmax(upcast(logits).softmax(1), torch.where(keep, target, 0), keep, self.classes)

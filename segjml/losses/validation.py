@@ -42,3 +42,8 @@ def check_target(logits: torch.Tensor, target, ignore_index: int, keep: torch.Te
             raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match (B, H, W) = {(b, h, w)}")
         valid = valid & keep.bool()
     return valid
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (AMP) are promoted to float32; float32 and float64 are kept as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits

@@ -1,0 +1,43 @@
+# segjml: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install segjml (editable) with the dev extra, once
+
+demo: $(STAMP) ## Train the demo (synthetic data, CPU, a few minutes)
+	$(PY) train.py experiment=demo
+
+test: $(STAMP) ## Run the test suite (every non-slow test)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## Run only the slow tests (multi-process, large models)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP) ## Lint with ruff
+	$(PY) -m ruff check segjml tests scripts train.py
+
+models: $(STAMP) ## Print the model table (parameters vs paper Table 9)
+	$(PY) -m segjml.models
+
+bench: $(STAMP) ## Run the benchmarks (losses, metrics)
+	$(PY) -m segjml.bench losses
+	$(PY) -m segjml.bench metrics
+
+clean: ## Remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+.PHONY: help install demo test test-slow lint models bench clean

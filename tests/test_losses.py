@@ -1,0 +1,353 @@
+"""Jaccard metric losses against the paper: metric properties, equations 2, 3, 7, 8, gradients, options, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from segjml.labels import boundary_label_smoothing, label_smoothing
+from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss, SegmentationCriterion
+from segjml.losses import _functional as Fn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """Double precision for exact comparisons and gradcheck, restored after this module."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+# --- independent, straightforward implementations of the paper's equations (numpy, one class at a time)
+def eq2_sjl_l1(x, y):
+    inter = np.dot(x, y)
+    return 1 - inter / (x.sum() + y.sum() - inter)
+
+
+def eq3_sjl_l2(x, y):
+    inter = np.dot(x, y)
+    return 1 - inter / ((x**2).sum() + (y**2).sum() - inter)
+
+
+def eq7_jml1(x, y):
+    plus, minus = np.abs(x + y).sum(), np.abs(x - y).sum()
+    return 1 - (plus - minus) / (plus + minus)
+
+
+def eq8_jml2(x, y):
+    inter = np.dot(x, y)
+    return 1 - inter / (inter + np.abs(x - y).sum())
+
+
+REFERENCE = {"jml1": eq7_jml1, "jml2": eq8_jml2, "sjl_l1": eq2_sjl_l1, "sjl_l2": eq3_sjl_l2}
+
+
+def stats_of(x, y):
+    """Statistics of one class, shape (1,), from plain vectors, for ``jaccard_from_statistics``."""
+    t = lambda v: torch.tensor([float(v)], dtype=torch.float64)
+    return {"sx": t(x.sum()), "sy": t(y.sum()), "inner": t(np.dot(x, y)), "diff": t(np.abs(x - y).sum()),
+            "sx2": t((x**2).sum()), "sy2": t((y**2).sum())}
+
+
+def jml(x, y, variant="jml1"):
+    return float(Fn.jaccard_from_statistics(stats_of(x, y), variant, smooth=0.0)[0])
+
+
+unit_vec = arrays(np.float64, st.integers(1, 12).map(lambda n: (n,)), elements=st.floats(0, 1))
+
+
+def three_vectors():
+    return st.integers(1, 10).flatmap(
+        lambda n: st.tuples(*[arrays(np.float64, (n,), elements=st.floats(0, 1)) for _ in range(3)])
+    )
+
+
+def two_vectors():
+    return st.integers(1, 10).flatmap(
+        lambda n: st.tuples(*[arrays(np.float64, (n,), elements=st.floats(0, 1)) for _ in range(2)])
+    )
+
+
+# --- Theorem 2.1: JML-1 and JML-2 are metrics on [0, 1]^p
+@settings(max_examples=200, deadline=None)
+@given(three_vectors())
+@pytest.mark.parametrize("variant", ["jml1", "jml2"])
+def test_jml_is_a_metric(variant, xyz):
+    x, y, z = xyz
+    d = lambda a, b: jml(a, b, variant) if (a + b).sum() > 0 else 0.0
+    assert d(x, x) == pytest.approx(0.0, abs=1e-12)  # reflexive
+    if not np.allclose(x, y, atol=1e-9):
+        assert d(x, y) > 0  # positive
+    assert d(x, y) == pytest.approx(d(y, x), abs=1e-12)  # symmetric
+    assert d(x, z) <= d(x, y) + d(y, z) + 1e-9  # triangle inequality
+
+
+@settings(max_examples=200, deadline=None)
+@given(two_vectors())
+def test_jml1_le_jml2(xy):
+    x, y = xy
+    if (x + y).sum() == 0:
+        return
+    assert jml(x, y, "jml1") <= jml(x, y, "jml2") + 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(two_vectors(), st.integers(0, 2**16))
+def test_hard_labels_make_all_three_equal(xy, seed):
+    x, _ = xy
+    y = (np.random.default_rng(seed).random(x.shape) > 0.5).astype(float)
+    if (x + y).sum() == 0:
+        return
+    a, b, c = jml(x, y, "jml1"), jml(x, y, "jml2"), jml(x, y, "sjl_l1")
+    assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-6)
+
+
+def test_single_pixel_soft_label_minimisers():
+    # Section 2.2: for y = 0.5, SJL-L1 is minimised at x = 1, JML at x = y.
+    xs = np.linspace(0.01, 1, 100)
+    y = np.array([0.5])
+    sjl = [eq2_sjl_l1(np.array([x]), y) for x in xs]
+    assert xs[int(np.argmin(sjl))] == pytest.approx(1.0)
+    for variant in ("jml1", "jml2"):
+        values = [jml(np.array([x]), y, variant) for x in xs]
+        assert xs[int(np.argmin(values))] == pytest.approx(0.5, abs=0.01)
+
+
+# --- the module against the equations on real tensors
+def per_class_reference(probs, y, variant):
+    """Mean over classes of the equation for that class, over all pixels (no smoothing)."""
+    p = probs.permute(1, 0, 2, 3).reshape(probs.shape[1], -1).numpy()
+    t = y.permute(1, 0, 2, 3).reshape(y.shape[1], -1).numpy()
+    return float(np.mean([REFERENCE[variant](p[c], t[c]) for c in range(p.shape[0])]))
+
+
+@pytest.mark.parametrize("variant", ["jml1", "jml2", "sjl_l1", "sjl_l2"])
+@pytest.mark.parametrize("kind", ["hard", "soft", "smoothed"])
+def test_module_matches_equations(variant, kind):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 5, generator=g)
+    labels = torch.randint(0, 4, (2, 6, 5), generator=g)
+    labels[0, 0, 0] = 0; labels[0, 0, 1] = 1; labels[0, 0, 2] = 2; labels[0, 0, 3] = 3  # noqa: E702
+    if kind == "hard":
+        target, dense = labels, torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).double()
+    elif kind == "soft":
+        dense = torch.rand(2, 4, 6, 5, generator=g).softmax(1)
+        target = dense
+    else:
+        target = boundary_label_smoothing(labels, 4, eps=0.4, kernel_size=3)
+        dense = target.to_dense()
+    loss = JaccardMetricLoss(variant, smooth=0.0, active_classes="ALL")(logits, target)
+    expected = per_class_reference(logits.softmax(1), dense, variant)
+    assert float(loss) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["jml1", "jml2", "sjl_l1", "sjl_l2"])
+@pytest.mark.parametrize("kind", ["hard", "soft", "smoothed"])
+def test_gradients_match_finite_differences(variant, kind):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 3, 4, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 4, 4), generator=g)
+    labels[0, 0, 0] = 255
+    target = {"hard": labels, "soft": torch.rand(1, 3, 4, 4, generator=g).softmax(1),
+              "smoothed": boundary_label_smoothing(labels, 3, eps=0.5)}[kind]
+    loss = JaccardMetricLoss(variant)
+    assert torch.autograd.gradcheck(lambda z: loss(z, target), (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_smoothing_is_added_to_numerator_and_denominator():
+    x = np.array([0.2, 0.7, 0.1]); y = np.array([0.0, 1.0, 0.0])  # noqa: E702
+    s = stats_of(x, y)
+    value = float(Fn.jaccard_from_statistics(s, "jml1", smooth=1.0)[0])
+    inter = np.dot(x, y)
+    assert value == pytest.approx(1 - (inter + 1) / (x.sum() + y.sum() - inter + 1))
+
+
+def test_tversky_half_half_is_dice():
+    x = np.array([0.2, 0.7, 0.1, 0.9]); y = np.array([0.0, 1.0, 0.0, 1.0])  # noqa: E702
+    value = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", alpha=0.5, beta=0.5, smooth=0.0)[0])
+    dice = 1 - 2 * np.dot(x, y) / (x.sum() + y.sum())
+    assert value == pytest.approx(dice)
+
+
+def test_log_loss_and_gamma():
+    x = np.array([0.3, 0.6]); y = np.array([0.0, 1.0])  # noqa: E702
+    base = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0)[0])
+    log = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0, log_loss=True)[0])
+    focal = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0, gamma=2.0)[0])
+    assert log == pytest.approx(-math.log(1 - base)) and focal == pytest.approx(base**2)
+
+
+# --- ignore, active classes, mIoU^I / mIoU^C
+def test_ignored_pixels_change_nothing():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 8, 8, generator=g)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)
+    for loss in (JaccardMetricLoss(), CrossEntropyLoss(), LovaszSoftmaxLoss()):
+        ref = loss(logits[:, :, :, :6], labels[:, :, :6])
+        masked = labels.clone(); masked[:, :, 6:] = 255  # noqa: E702
+        other = logits.clone(); other[:, :, :, 6:] = torch.randn(2, 5, 8, 2, generator=g) * 10  # noqa: E702
+        assert float(loss(other, masked)) == pytest.approx(float(ref), abs=1e-10)
+        keep = torch.ones(2, 8, 8, dtype=torch.bool); keep[:, :, 6:] = False  # noqa: E702
+        assert float(loss(other, labels, keep)) == pytest.approx(float(ref), abs=1e-10)
+
+
+def test_active_classes_modes():
+    # class 0 and 1 present in the label; class 2 absent but predicted with high probability; class 3 absent, tiny.
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    probs = torch.tensor([[0.5, 0.1, 0.39, 0.001], [0.1, 0.5, 0.39, 0.001]]).log()  # two logits patterns
+    logits = torch.stack([probs[0], probs[0], probs[1], probs[1]], dim=-1)[None, :, None, :]
+    full = logits.softmax(1)[0, :, 0].T.numpy()  # (pixels, classes)
+    onehot = np.eye(4)[labels[0, 0].numpy()]
+    per_class = [eq7_jml1(full[:, c], onehot[:, c]) for c in range(4)]
+    cases = {"PRESENT": [0, 1], "ALL": [0, 1, 2, 3], "PROB": [0, 1, 2], "BOTH": [0, 1, 2], "LABEL": [0, 1]}
+    for mode, classes in cases.items():
+        value = JaccardMetricLoss(smooth=0.0, active_classes=mode)(logits, labels)
+        assert float(value) == pytest.approx(np.mean([per_class[c] for c in classes])), mode
+    soft = torch.tensor([0.6, 0.395, 0.004, 0.001])[None, :, None, None].expand(1, 4, 1, 4)
+    value = JaccardMetricLoss(smooth=0.0, active_classes="LABEL")(logits, soft)
+    full_soft = soft[0, :, 0].T.numpy()
+    expected = np.mean([eq7_jml1(full[:, c], full_soft[:, c]) for c in (0, 1)])  # 0.004, 0.001 <= 0.01
+    assert float(value) == pytest.approx(expected)
+
+
+def test_default_active_classes_differ_for_hard_and_soft():
+    loss = JaccardMetricLoss(smooth=0.0)
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    logits = torch.randn(1, 3, 2, 2)
+    x = logits.softmax(1)[0].reshape(3, -1).numpy()
+    hard = float(loss(logits, labels))
+    assert hard == pytest.approx(eq7_jml1(x[0], np.ones(4)))  # PRESENT: class 0 only
+    soft = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).double()
+    expected_all = np.mean([eq7_jml1(x[c], soft[0, c].reshape(-1).numpy()) for c in range(3)])
+    assert float(loss(logits, soft)) == pytest.approx(expected_all)  # ALL for soft targets
+
+
+def test_miou_i_and_miou_c_weights():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 3, 4, 4, generator=g)
+    labels = torch.zeros(3, 4, 4, dtype=torch.long)
+    labels[0, :2] = 1; labels[1, :, :2] = 2; labels[2, 0, 0] = 1  # noqa: E702
+    x = logits.softmax(1).numpy()
+    y = np.eye(3)[labels.numpy()].transpose(0, 3, 1, 2)
+    per = np.array([[eq7_jml1(x[b, c].ravel(), y[b, c].ravel()) for c in range(3)] for b in range(3)])
+    present = y.reshape(3, 3, -1).sum(-1) > 0
+    miou_i = np.mean([per[b][present[b]].mean() for b in range(3)])
+    miou_c = np.mean([per[:, c][present[:, c]].mean() for c in range(3) if present[:, c].any()])
+    loss_i = JaccardMetricLoss(smooth=0.0, miou_d=0, miou_i=1)(logits, labels)
+    loss_c = JaccardMetricLoss(smooth=0.0, miou_d=0, miou_c=1)(logits, labels)
+    assert float(loss_i) == pytest.approx(miou_i) and float(loss_c) == pytest.approx(miou_c)
+    both = JaccardMetricLoss(smooth=0.0, miou_d=0.0, miou_i=0.3, miou_c=0.7)(logits, labels)
+    assert float(both) == pytest.approx(0.3 * miou_i + 0.7 * miou_c)
+
+
+def test_class_weights_weight_the_class_average():
+    labels = torch.tensor([[[0, 0, 1, 1]]])
+    logits = torch.randn(1, 2, 1, 4)
+    x = logits.softmax(1)[0, :, 0].numpy()
+    y = np.eye(2)[labels[0, 0].numpy()].T
+    per = [eq7_jml1(x[c], y[c]) for c in range(2)]
+    value = JaccardMetricLoss(smooth=0.0, class_weights=[1.0, 3.0])(logits, labels)
+    assert float(value) == pytest.approx((per[0] + 3 * per[1]) / 4)
+
+
+# --- cross-entropy, label smoothing, Lovasz
+def test_cross_entropy_hard_and_smoothed_match_torch():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 6, 6, generator=g)
+    labels = torch.randint(0, 5, (2, 6, 6), generator=g)
+    labels[0, 0] = 255
+    ce = CrossEntropyLoss()
+    assert float(ce(logits, labels)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)))
+    ls = CrossEntropyLoss(label_smoothing=0.2)(logits, labels)
+    ref = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, label_smoothing=0.2)
+    assert float(ls) == pytest.approx(float(ref))
+    smoothed = label_smoothing(labels, 5, 0.2)
+    assert float(ce(logits, smoothed)) == pytest.approx(float(ce(logits, smoothed.to_dense())))
+
+
+def test_lovasz_matches_brute_force_on_small_input():
+    # For one class the Lovasz extension equals sum_i m_(i) * (J(S_i) - J(S_{i-1})) over errors sorted descending.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 2, 1, 5, generator=g)
+    labels = torch.tensor([[[0, 1, 1, 0, 1]]])
+    p = logits.softmax(1)[0, :, 0].numpy()
+    total = []
+    for c in range(2):
+        fg = (labels[0, 0].numpy() == c).astype(float)
+        err = np.abs(fg - p[c])
+        order = np.argsort(-err)
+        prev, value = 0.0, 0.0
+        for k in range(1, 6):
+            wrong = set(order[:k].tolist())
+            inter = sum(1 for i in range(5) if fg[i] == 1 and i not in wrong)
+            union = fg.sum() + sum(1 for i in wrong if fg[i] == 0)
+            jac = 1 - inter / union
+            value += err[order[k - 1]] * (jac - prev)
+            prev = jac
+        total.append(value)
+    assert float(LovaszSoftmaxLoss()(logits, labels)) == pytest.approx(np.mean(total))
+
+
+# --- errors
+def test_soft_target_to_lovasz_is_refused():
+    logits = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="hard labels"):
+        LovaszSoftmaxLoss()(logits, torch.rand(1, 3, 4, 4).softmax(1))
+    with pytest.raises(ValueError, match="hard labels"):
+        LovaszSoftmaxLoss()(logits, label_smoothing(torch.zeros(1, 4, 4, dtype=torch.long), 3))
+
+
+@pytest.mark.parametrize("loss", [JaccardMetricLoss(), CrossEntropyLoss(), LovaszSoftmaxLoss()])
+def test_bad_targets_raise_clear_errors(loss):
+    logits = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="class id 7 outside"):
+        loss(logits, torch.full((2, 4, 4), 7))
+    with pytest.raises(ValueError, match="does not match"):
+        loss(logits, torch.zeros(2, 5, 4, dtype=torch.long))
+    if not isinstance(loss, LovaszSoftmaxLoss):
+        with pytest.raises(ValueError, match="does not match"):
+            loss(logits, torch.rand(2, 4, 4, 4))
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="variant"):
+        JaccardMetricLoss(variant="jml3")
+    with pytest.raises(ValueError, match="active_classes"):
+        JaccardMetricLoss(active_classes="SOME")
+
+
+# --- the loss mix
+def test_loss_mix_follows_the_recipe():
+    g = torch.Generator().manual_seed(6)
+    out = {"out": torch.randn(2, 4, 8, 8, generator=g), "aux": torch.randn(2, 4, 8, 8, generator=g)}
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75)
+    terms = mix(out, labels)
+    ce, jm = CrossEntropyLoss(), JaccardMetricLoss()
+    expected = 0.25 * (0.5 * ce(out["out"], labels) + 0.5 * ce(out["aux"], labels)) + 0.75 * jm(out["out"], labels)
+    assert float(terms["total"]) == pytest.approx(float(expected))
+    assert set(terms) == {"ce", "ce_aux", "iou", "total"}
+
+
+def test_loss_mix_with_bls_and_teacher():
+    g = torch.Generator().manual_seed(7)
+    out = {"out": torch.randn(2, 4, 8, 8, generator=g), "aux": torch.randn(2, 4, 8, 8, generator=g)}
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    teacher = torch.randn(2, 4, 4, 4, generator=g)
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, bls={"kernel_size": 3, "eps": 0.5}, kd={})
+    terms = mix(out, labels, teacher)
+    smooth = boundary_label_smoothing(labels, 4, 0.5, 3)
+    soft = torch.nn.functional.interpolate(teacher, size=(8, 8), mode="bilinear", align_corners=False).softmax(1)
+    ce, jm, jt = CrossEntropyLoss(), JaccardMetricLoss(), JaccardMetricLoss(active_classes="LABEL")
+    ce_main = 0.5 * ce(out["out"], smooth) + 0.5 * ce(out["out"], soft)
+    jml_main = 0.5 * jm(out["out"], smooth) + 0.5 * jt(out["out"], soft)
+    expected = 0.25 * (0.5 * ce_main + 0.5 * ce(out["aux"], smooth)) + 0.75 * jml_main
+    assert float(terms["total"]) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="teacher"):
+        mix(out, labels)
