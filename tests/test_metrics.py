@@ -102,6 +102,23 @@ def test_sce_with_many_classes_equals_numpy():
     assert m.compute()["sce"] == pytest.approx(ref["sce"], abs=1e-6)
 
 
+def test_many_classes_sparse_path_and_low_confidence_pixels():
+    # C = 64 takes the sparse search for p >= 1 / n_bins; near-uniform pixels have no class above 1 / n_bins,
+    # so their prediction comes from the direct argmax fallback.
+    probs, target = random_batch(7, b=2, h=10, w=14, c=64)
+    flat = torch.randn(2, 64, 10, 14).mul(0.05).softmax(1)
+    probs[:, :, :5] = flat[:, :, :5]
+    m = SegmentationMetrics(64, n_bins=10)
+    m.update(probs, target)
+    r = m.compute()
+    ref = numpy_reference(probs, target)
+    for key in ("sce", "bsce", "ece", "bece", "miou_i", "miou_c"):
+        assert r[key] == pytest.approx(ref[key], abs=1e-6), key
+    keep = target != 255
+    p, t = probs.permute(0, 2, 3, 1)[keep], target[keep]
+    assert r["miou"] == pytest.approx(100 * float(MulticlassJaccardIndex(64)(p, t)), abs=1e-5)
+
+
 def test_streaming_equals_one_big_update():
     probs, target = random_batch(4, b=6)
     one, many = SegmentationMetrics(C), SegmentationMetrics(C)

@@ -17,6 +17,21 @@ def _check_kernel(kernel_size: int) -> None:
         raise ValueError(f"boundary kernel_size must be a positive odd integer, got {kernel_size}")
 
 
+def _sliding_extreme(x: torch.Tensor, k: int, fill: int, op) -> torch.Tensor:
+    """Max (``op=torch.maximum``) or min over a ``k x k`` window of ``x`` (B, H, W), separably: O(H * W * k)."""
+    r = k // 2
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, 0, 0), value=fill)
+    rows = padded[..., 0:w]
+    for d in range(1, k):
+        rows = op(rows, padded[..., d:d + w])
+    padded = F.pad(rows, (0, 0, r, r), value=fill)
+    out = padded[..., 0:h, :]
+    for d in range(1, k):
+        out = op(out, padded[..., d:d + h, :])
+    return out
+
+
 def boundary_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int | None = 255) -> torch.Tensor:
     """Boolean ``(B, H, W)`` map of boundary pixels.
 
@@ -26,21 +41,16 @@ def boundary_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int | 
         ignore_index: value of ignored pixels (never boundary, never make a neighbour boundary).
     """
     _check_kernel(kernel_size)
-    squeeze = label.ndim == 2
-    lab = label[None] if squeeze else label
+    lab = label.to(torch.int32)
     if kernel_size == 1:
-        out = torch.zeros_like(lab, dtype=torch.bool)
-        return out[0] if squeeze else out
-    lab = lab.to(torch.float32)[:, None]  # class ids < 2**24 are exact in float32
+        return torch.zeros_like(lab, dtype=torch.bool)
     valid = torch.ones_like(lab, dtype=torch.bool) if ignore_index is None else lab != ignore_index
-    # Ignored pixels must not win either pool: -1 for the max, +inf for the min (= -max of the negation).
-    high = torch.where(valid, lab, torch.full_like(lab, -1.0))
-    low = torch.where(valid, -lab, torch.full_like(lab, -float("inf")))
-    pad = kernel_size // 2
-    nb_max = F.max_pool2d(high, kernel_size, stride=1, padding=pad)
-    nb_min = -F.max_pool2d(low, kernel_size, stride=1, padding=pad)
-    out = ((nb_max > lab) | (nb_min < lab)) & valid
-    return out[:, 0][0] if squeeze else out[:, 0]
+    # A pixel is boundary iff the largest or the smallest valid id in its window differs from its own id;
+    # ignored pixels must win neither extreme (-1 for the max, int32 max for the min).
+    big = torch.iinfo(torch.int32).max
+    nb_max = _sliding_extreme(lab.masked_fill(~valid, -1), kernel_size, -1, torch.maximum)
+    nb_min = _sliding_extreme(lab.masked_fill(~valid, big), kernel_size, big, torch.minimum)
+    return ((nb_max > lab) | (nb_min < lab)) & valid
 
 
 def near_ignore_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int = 255) -> torch.Tensor:

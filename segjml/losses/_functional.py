@@ -202,28 +202,33 @@ def soft_cross_entropy(logits: torch.Tensor, target: Target, keep: torch.Tensor,
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018, eq. 8-9)."""
-    gts = gt_sorted.sum()
-    intersection = gts - gt_sorted.cumsum(0)
-    union = gts + (1 - gt_sorted).cumsum(0)
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. errors sorted in decreasing order
+    (Berman et al. 2018, eq. 8-9), along the last dimension."""
+    gts = gt_sorted.sum(-1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(-1)
+    union = gts + (1 - gt_sorted).cumsum(-1)
     jaccard = 1.0 - intersection / union
-    if gt_sorted.numel() > 1:
-        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-    return jaccard
+    return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
 
 
-def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, classes: str = "present"):
-    """Lovasz-Softmax loss (Berman et al., CVPR 2018) over all kept pixels of the batch; hard labels only."""
+def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, classes: str = "present",
+                   chunk: int = 16):
+    """Lovasz-Softmax loss (Berman et al., CVPR 2018) over all kept pixels of the batch; hard labels only.
+
+    Classes are sorted in batches of ``chunk`` (one batched sort per chunk) to bound memory.
+    """
     c = probs.shape[1]
-    x = probs.permute(0, 2, 3, 1).reshape(-1, c)[keep.reshape(-1)]
-    y = labels.reshape(-1)[keep.reshape(-1)]
+    flat_keep = keep.reshape(-1)
+    x = probs.transpose(0, 1).reshape(c, -1)[:, flat_keep]  # (C, N), contiguous per class
+    y = labels.reshape(-1)[flat_keep]
     if y.numel() == 0:
         return probs.sum() * 0
+    candidates = torch.unique(y) if classes == "present" else torch.arange(c, device=y.device)
     losses = []
-    candidates = torch.unique(y).tolist() if classes == "present" else range(c)
-    for k in candidates:
-        fg = (y == k).to(x.dtype)
-        errors = (fg - x[:, k]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, lovasz_grad(fg[order])))
-    return torch.stack(losses).mean()
+    for part in candidates.split(chunk):
+        fg = (y[None, :] == part[:, None]).to(x.dtype)  # (k, N)
+        errors = (fg - x[part]).abs()
+        errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+        grad = lovasz_grad(fg.gather(1, order))
+        losses.append((errors_sorted * grad).sum(1))
+    return torch.cat(losses).mean()

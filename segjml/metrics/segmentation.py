@@ -75,7 +75,9 @@ class SegmentationMetrics(Metric):
         if bad.any():
             raise ValueError(f"target holds class id {int(target[bad][0])} outside [0, {self.num_classes}) "
                              f"that is not ignore_index={self.ignore_index}")
-        total = probs.sum(1)
+        b, c = probs.shape[:2]
+        # per-pixel sums as one batched matrix product (much faster than a strided reduction over dim 1)
+        total = torch.bmm(probs.new_ones(b, 1, c), probs.reshape(b, c, -1))
         if probs.amin() < 0 or (total - 1).abs().amax() > self.tolerance:
             raise ValueError("probs are not a distribution over classes (negative, or not summing to 1 over dim 1): "
                              "pass softmax(logits, dim=1)")
@@ -83,59 +85,69 @@ class SegmentationMetrics(Metric):
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         self._check(probs, target)
-        b, c = probs.shape[:2]
-        probs = probs.float()
+        probs = probs.float().contiguous()
+        b, c, h, w = probs.shape
+        hw, nb, n = h * w, self.n_bins, probs.shape[0] * h * w
         keep = target != self.ignore_index
-        conf, pred = probs.max(1)
         boundary = boundary_map(target, self.boundary_kernel, self.ignore_index)
+        # Region of every pixel: 0 kept and not boundary, 1 boundary, 2 ignored. Histograms get a third row for the
+        # ignored pixels that is dropped, which avoids boolean indexing (a hidden nonzero) of every per-pixel tensor.
+        region = torch.where(keep, boundary.to(torch.long), 2).reshape(-1)
+        label = target.clamp(0, c - 1).reshape(-1)
+        conf = probs.amax(1).reshape(-1)
 
-        # Confusion matrix per image (B, C, C): rows = ground truth, columns = prediction.
-        image = torch.arange(b, device=target.device).view(b, 1, 1).expand_as(target)
-        flat = (image * c + target.clamp(0, c - 1)) * c + pred
-        per_image = torch.bincount(flat[keep], minlength=b * c * c).view(b, c, c)
+        # The (pixel, class) pairs with p >= 1 / n_bins: at most n_bins per pixel. They hold every pixel's top class
+        # whenever its confidence is >= 1 / n_bins, and they are all the static-calibration histogram needs beyond
+        # bin 0 (bin 0 follows from per-class totals).
+        p, cls, pix = _high_pairs(probs, 1.0 / nb)
+        top = torch.where(p == conf[pix], pix, n)  # the top class of each pixel; other pairs go to a spare slot
+        pred = torch.zeros(n + 1, dtype=torch.long, device=probs.device).scatter_(0, top, cls)[:n]
+        low = conf < 1.0 / nb  # possible only when C > n_bins: take the argmax of those few pixels directly
+        if c > nb and low.any():
+            lp = low.nonzero().squeeze(1)
+            pred[lp] = probs.reshape(b, c, hw)[lp // hw, :, lp % hw].argmax(1)
+
+        # Confusion matrix per image (B, C, C), rows = ground truth, columns = prediction; ignored pixels are
+        # counted in a spare slot.
+        offset = torch.arange(b, device=probs.device).view(b, 1) * (c * c)
+        idx = torch.where(region.view(b, hw) < 2, offset + (label * c + pred).view(b, hw), b * c * c)
+        per_image = torch.bincount(idx.reshape(-1), minlength=b * c * c + 1)[:-1].view(b, c, c)
         self.confmat += per_image.sum(0)
         inter = per_image.diagonal(dim1=1, dim2=2).double()
         union = per_image.sum(1).double() + per_image.sum(2).double() - inter
         occurs = union > 0
         iou = torch.where(occurs, inter / union.clamp_min(1), torch.zeros_like(union))
         n_occ = occurs.sum(1)
-        has = n_occ > 0
-        self.image_iou_sum += (iou.sum(1)[has] / n_occ[has]).sum()
-        self.image_count += has.sum()
+        self.image_iou_sum += (iou.sum(1) / n_occ.clamp_min(1)).sum()
+        self.image_count += (n_occ > 0).sum()
         self.class_iou_sum += iou.sum(0)
         self.class_image_count += occurs.sum(0)
 
-        # Top-label calibration.
-        nb = self.n_bins
-        conf_bin = (conf * nb).long().clamp_(0, nb - 1)
-        correct = (pred == target).double()
-        for region, mask in enumerate((keep, boundary)):
-            bins = conf_bin[mask]
-            self.top_hist[region, :, 0] += torch.bincount(bins, minlength=nb).double()
-            self.top_hist[region, :, 1] += torch.bincount(bins, weights=conf[mask].double(), minlength=nb)
-            self.top_hist[region, :, 2] += torch.bincount(bins, weights=correct[mask], minlength=nb)
+        # Top-label calibration per region: count, sum of confidences, number correct.
+        idx = region * nb + (conf * nb).long().clamp_(max=nb - 1)
+        top_hist = torch.stack([
+            torch.bincount(idx, minlength=3 * nb).double(),
+            torch.bincount(idx, weights=conf.double(), minlength=3 * nb),
+            torch.bincount(idx, weights=(pred == label).double(), minlength=3 * nb),
+        ], dim=-1).view(3, nb, 3)
+        self.top_hist[0] += top_hist[0] + top_hist[1]
+        self.top_hist[1] += top_hist[1]
 
-        # Static calibration: only (pixel, class) pairs with p_k >= 1 / n_bins leave the first bin.
-        label = target.clamp(0, c - 1)
-        for region, mask in enumerate((keep, boundary)):
-            maskf = mask.to(probs.dtype)
-            n = maskf.sum().double()
-            p_total = torch.einsum("bchw,bhw->c", probs, maskf).double()
-            y_total = torch.bincount(label[mask], minlength=c).double()
-            high = (probs >= 1.0 / nb) & mask[:, None]
-            bi, ci, hi, wi = high.nonzero(as_tuple=True)
-            p = probs[bi, ci, hi, wi]
-            pix_bin = (p * nb).long().clamp_(0, nb - 1)
-            idx = ci * nb + pix_bin
-            hist = torch.stack([
-                torch.bincount(idx, minlength=c * nb).double(),
-                torch.bincount(idx, weights=p.double(), minlength=c * nb),
-                torch.bincount(idx, weights=(label[bi, hi, wi] == ci).double(), minlength=c * nb),
-            ], dim=-1).view(c, nb, 3)
-            first = torch.stack([n - hist[:, :, 0].sum(1), p_total - hist[:, :, 1].sum(1),
-                                 y_total - hist[:, :, 2].sum(1)], dim=-1)
-            hist[:, 0] += first  # pairs below 1 / n_bins all fall in bin 0
-            self.class_hist[region] += hist
+        # Static calibration per region, class and bin: count, sum of p_k, number labelled k.
+        idx = (region[pix] * c + cls) * nb + (p * nb).long().clamp_(max=nb - 1)
+        count = torch.bincount(idx, minlength=3 * c * nb).double().view(3, c, nb)
+        p_sum = torch.bincount(idx, weights=p.double(), minlength=3 * c * nb).view(3, c, nb)
+        p_label = probs.reshape(b, c, hw).gather(1, label.view(b, 1, hw)).reshape(-1)
+        idx = (region * c + label) * nb + (p_label * nb).long().clamp_(max=nb - 1)
+        labelled = torch.bincount(idx, minlength=3 * c * nb).double().view(3, c, nb)  # every bin, bin 0 included
+        masks = torch.stack([region == 0, region == 1], dim=-1).to(probs.dtype).view(b, hw, 2)
+        p_total = torch.bmm(probs.reshape(b, c, hw), masks).sum(0).T.double()  # (2, C)
+        n_pix = masks.sum((0, 1)).double()  # (2,)
+        hist = torch.stack([count[:2], p_sum[:2], labelled[:2]], dim=-1)  # (2, C, nb, 3)
+        hist[:, :, 0, 0] += n_pix[:, None] - count[:2].sum(-1)
+        hist[:, :, 0, 1] += p_total - p_sum[:2].sum(-1)
+        self.class_hist[0] += hist[0] + hist[1]
+        self.class_hist[1] += hist[1]
 
     def compute(self) -> dict:
         cm = self.confmat.double()
@@ -169,6 +181,41 @@ class SegmentationMetrics(Metric):
         h = self.top_hist[int(boundary)]
         count = h[:, 0]
         return {"count": count, "confidence": h[:, 1] / count.clamp_min(1), "accuracy": h[:, 2] / count.clamp_min(1)}
+
+
+def _nonzero_sparse(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of a sparse bool tensor: scan it as int64 words first (8x fewer elements),
+    then look only inside the words that hold a True. Same result as ``mask.reshape(-1).nonzero()``."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    words = flat.view(torch.uint8).view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    row, col = words[hit].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
+    return hit[row] * 8 + col
+
+
+def _high_pairs(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, class, flat pixel index)`` of every (pixel, class) pair with ``p >= threshold``, image by image."""
+    b, c, h, w = probs.shape
+    hw = h * w
+    parts = []
+    for i in range(b):
+        x = probs[i].reshape(c, hw)
+        mask = x >= threshold
+        if c * threshold > 4:  # at most 1 / threshold pairs per pixel among c: sparse
+            flat = _nonzero_sparse(mask)
+            cls = flat // hw
+            pix = flat - cls * hw
+            p = x.reshape(-1)[flat]
+        else:
+            cls, pix = mask.nonzero(as_tuple=True)
+            p = x[cls, pix]
+        parts.append((p, cls, pix + i * hw))
+    if b == 1:
+        return parts[0]
+    return tuple(torch.cat(t) for t in zip(*parts))
 
 
 def _pct(value: torch.Tensor) -> float:

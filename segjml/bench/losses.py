@@ -1,0 +1,104 @@
+"""Loss benchmark: forward+backward time and peak extra memory of every loss, as a ratio to cross-entropy.
+
+``python -m segjml.bench losses [--shapes 8x21x512x512 8x150x512x512] [--repeats 3] [--device cpu]``
+
+Hard targets are compared with hard CE, soft targets (a dense distribution per pixel, as in distillation) with soft
+CE. "bls target" is the construction of the boundary-label-smoothing target alone (no loss). Memory is measured in a
+fresh subprocess per cell on CPU (peak RSS) and with ``max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from segjml.bench.common import fmt_bytes, measure_in_subprocess, median_time, peak_extra_memory
+from segjml.labels import boundary_label_smoothing
+from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss
+
+HARD = ["ce", "jml1", "jml2", "sjl_l1", "sjl_l2", "lovasz", "bls target", "ce bls", "jml1 bls"]
+SOFT = ["ce", "jml1", "jml2", "sjl_l1", "sjl_l2"]
+
+
+def make_inputs(shape, kind: str, device: torch.device, seed: int = 0):
+    b, c, h, w = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(b, c, h, w, generator=g, device=device)
+    if kind == "hard":
+        # piecewise-constant labels with real boundaries: 16x16 blocks of random classes, upsampled
+        blocks = torch.randint(0, c, (b, 1, max(h // 16, 1), max(w // 16, 1)), generator=g, device=device)
+        target = torch.nn.functional.interpolate(blocks.float(), size=(h, w), mode="nearest")[:, 0].long()
+    else:
+        target = torch.rand(b, c, h, w, generator=g, device=device)
+        target.exp_()
+        target /= target.sum(1, keepdim=True)  # in place: no second (B, C, H, W) tensor
+    return logits, target
+
+
+def make_step(name: str, logits: torch.Tensor, target: torch.Tensor):
+    c = logits.shape[1]
+    if name == "bls target":
+        return lambda: boundary_label_smoothing(target, c, eps=0.5, kernel_size=3)
+    loss = {"ce": CrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}.get(name.split()[0])
+    if loss is None:
+        loss = JaccardMetricLoss(variant=name.split()[0])
+    bls = name.endswith(" bls")
+
+    def step():
+        x = logits.detach().requires_grad_(True)
+        t = boundary_label_smoothing(target, c, eps=0.5, kernel_size=3) if bls else target
+        loss(x, t).backward()
+        return x.grad
+
+    return step
+
+
+def child(args) -> None:
+    """One cell in a fresh process: print its peak extra memory as JSON."""
+    device = torch.device(args.device)
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    logits, target = make_inputs(shape, args.kind, device)
+    print(json.dumps({"bytes": peak_extra_memory(make_step(args.loss, logits, target), device)}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m segjml.bench losses", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["8x21x512x512", "8x150x512x512"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "KIND", "LOSS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.shape, args.kind, args.loss = args.child
+        return child(args)
+    device = torch.device(args.device)
+    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    print(f"{'shape':<16} {'target':<6} {'loss':<12} {'time (s)':>9} {'x CE':>6} {'peak extra':>12} {'x CE':>6}")
+    for shape_str in args.shapes:
+        shape = tuple(int(v) for v in shape_str.split("x"))
+        for kind, names in (("hard", HARD), ("soft", SOFT)):
+            logits, target = make_inputs(shape, kind, device)
+            base_t = base_m = None
+            for name in names:
+                t = median_time(make_step(name, logits, target), device, args.repeats)
+                if args.no_memory:
+                    m = float("nan")
+                elif device.type == "cuda":
+                    m = peak_extra_memory(make_step(name, logits, target), device)
+                else:
+                    m = measure_in_subprocess("segjml.bench", ["losses", "--device", args.device,
+                                                               "--child", shape_str, kind, name])["bytes"]
+                if name == "ce":
+                    base_t, base_m = t, m
+                print(f"{shape_str:<16} {kind:<6} {name:<12} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
+                      f"{m / base_m if base_m else float('nan'):6.2f}", flush=True)
+            del logits, target
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
