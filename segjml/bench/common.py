@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -38,15 +34,25 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _reset_peak_rss() -> None:
+    # Linux >= 4.0: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes allocated by ``fn()`` at its peak beyond what was live before it.
 
-    CUDA: ``max_memory_allocated``. CPU: the process's peak RSS, which only works for the first large call of a
-    fresh process, hence :func:`measure_in_subprocess`.
+    CUDA: ``max_memory_allocated``. CPU: the peak resident set size (VmHWM, reset just before the call), which sees
+    every large tensor since the allocator returns them to the system when freed.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,15 +61,10 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    before = max(current_rss(), peak_rss())
+    _reset_peak_rss()
+    before = current_rss()
     fn()
-    return max(peak_rss() - before, 0)
-
-
-def measure_in_subprocess(module: str, args: list[str]) -> dict:
-    """Run ``python -m module args`` and parse the JSON object it prints last."""
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return max(_peak_rss() - before, 0)
 
 
 def fmt_bytes(n: float) -> str:

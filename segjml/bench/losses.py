@@ -3,19 +3,19 @@
 ``python -m segjml.bench losses [--shapes 8x21x512x512 8x150x512x512] [--repeats 3] [--device cpu]``
 
 Hard targets are compared with hard CE, soft targets (a dense distribution per pixel, as in distillation) with soft
-CE. "bls target" is the construction of the boundary-label-smoothing target alone (no loss). Memory is measured in a
-fresh subprocess per cell on CPU (peak RSS) and with ``max_memory_allocated`` on CUDA.
+CE. "bls target" is the construction of the boundary-label-smoothing target alone (no loss); "ce bls" / "jml1 bls"
+build the BLS target and run the loss on it. Peak extra memory is the peak resident set size above what was live
+before the call on CPU, ``max_memory_allocated`` on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from segjml.bench.common import fmt_bytes, measure_in_subprocess, median_time, peak_extra_memory
+from segjml.bench.common import fmt_bytes, median_time, peak_extra_memory
 from segjml.labels import boundary_label_smoothing
 from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss
 
@@ -56,14 +56,6 @@ def make_step(name: str, logits: torch.Tensor, target: torch.Tensor):
     return step
 
 
-def child(args) -> None:
-    """One cell in a fresh process: print its peak extra memory as JSON."""
-    device = torch.device(args.device)
-    shape = tuple(int(v) for v in args.shape.split("x"))
-    logits, target = make_inputs(shape, args.kind, device)
-    print(json.dumps({"bytes": peak_extra_memory(make_step(args.loss, logits, target), device)}))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segjml.bench losses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,11 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
-    parser.add_argument("--child", nargs=3, metavar=("SHAPE", "KIND", "LOSS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        args.shape, args.kind, args.loss = args.child
-        return child(args)
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
     print(f"{'shape':<16} {'target':<6} {'loss':<12} {'time (s)':>9} {'x CE':>6} {'peak extra':>12} {'x CE':>6}")
@@ -86,13 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             base_t = base_m = None
             for name in names:
                 t = median_time(make_step(name, logits, target), device, args.repeats)
-                if args.no_memory:
-                    m = float("nan")
-                elif device.type == "cuda":
-                    m = peak_extra_memory(make_step(name, logits, target), device)
-                else:
-                    m = measure_in_subprocess("segjml.bench", ["losses", "--device", args.device,
-                                                               "--child", shape_str, kind, name])["bytes"]
+                m = float("nan") if args.no_memory else peak_extra_memory(make_step(name, logits, target), device)
                 if name == "ce":
                     base_t, base_m = t, m
                 print(f"{shape_str:<16} {kind:<6} {name:<12} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "

@@ -42,12 +42,14 @@ def class_statistics(
     keep: torch.Tensor,
     need_squares: bool = False,
     need_max: str | None = None,
+    need_inner: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-image, per-class sums over kept pixels, each ``(B, C)``.
 
     Returns ``sx = sum x``, ``sy = sum y``, ``inner = <x, y>``, ``diff = |x - y|_1``; with ``need_squares``
     also ``sx2 = |x|_2^2`` and ``sy2 = |y|_2^2``; with ``need_max`` in ``LABEL``, ``PROB``, ``BOTH`` the matching
-    per-class maximum (``ymax``, ``xmax`` or ``xymax``, no gradient).
+    per-class maximum (``ymax``, ``xmax`` or ``xymax``, no gradient). ``need_inner=False`` skips ``<x, y>`` for soft
+    targets (JML-1 does not use it; for hard labels it is always computed, ``diff`` is derived from it).
     """
     b, c = probs.shape[:2]
     keepf = keep.to(probs.dtype)
@@ -67,7 +69,8 @@ def class_statistics(
             a = e / c
             w = (1 - e) * keepf
             stats["sy"] = a.sum((1, 2))[:, None] + _scatter_bc(w, labels, c)
-            stats["inner"] = torch.einsum("bchw,bhw->bc", probs, a) + _scatter_bc(w * x_lab, labels, c)
+            if need_inner:
+                stats["inner"] = torch.einsum("bchw,bhw->bc", probs, a) + _scatter_bc(w * x_lab, labels, c)
             off = torch.einsum("bchw,bhw->bc", (probs - a[:, None]).abs(), keepf)
             fix = ((x_lab - a - w).abs() - (x_lab - a).abs()) * keepf
             stats["diff"] = off + _scatter_bc(fix, labels, c)
@@ -98,7 +101,8 @@ def class_statistics(
     else:
         y = target.to(probs.dtype)
         stats["sy"] = torch.einsum("bchw,bhw->bc", y, keepf)
-        stats["inner"] = torch.einsum("bchw,bhw->bc", probs * y, keepf)
+        if need_inner:
+            stats["inner"] = torch.einsum("bchw,bhw->bc", probs * y, keepf)
         stats["diff"] = torch.einsum("bchw,bhw->bc", (probs - y).abs(), keepf)
         if need_squares:
             stats["sy2"] = torch.einsum("bchw,bhw->bc", y * y, keepf)
@@ -131,7 +135,7 @@ def jaccard_from_statistics(
     ``|y|_1 - tp``, SJL-L2 the squared L2 norms. The loss is ``1 - (tp + s) / (tp + alpha fp + beta fn + s)``,
     raised to ``gamma``, or ``-log`` of the ratio with ``log_loss``. ``alpha = beta = 1`` gives eq. 2, 3, 7, 8.
     """
-    sx, sy, diff, inner = stats["sx"], stats["sy"], stats["diff"], stats["inner"]
+    sx, sy, diff, inner = stats["sx"], stats["sy"], stats["diff"], stats.get("inner")
     if variant in ("jml1", "jml2"):
         tp = (sx + sy - diff) / 2 if variant == "jml1" else inner
         fp = (diff + sx - sy) / 2

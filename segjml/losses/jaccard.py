@@ -76,7 +76,7 @@ class JaccardMetricLoss(nn.Module):
         mode = self.active_classes or (self.active_soft if Fn.is_soft(target) else self.active_hard)
         stats = Fn.class_statistics(
             probs, target, keep, need_squares=self.variant == "sjl_l2",
-            need_max=mode if mode in ("LABEL", "PROB", "BOTH") else None,
+            need_max=mode if mode in ("LABEL", "PROB", "BOTH") else None, need_inner=self.variant != "jml1",
         )
         loss_args = (self.variant, self.alpha, self.beta, self.smooth, self.gamma, self.log_loss)
         weights = self.class_weights
