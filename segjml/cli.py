@@ -19,14 +19,28 @@ def run_training(cfg: DictConfig) -> float:
     from segjml.data.errors import DataError
     from segjml.engine import train
     from segjml.engine.checkpoint import CheckpointError
+    from segjml.engine.distillation import TeacherError
     from segjml.models import PretrainedWeightsError
 
     try:
         return train(cfg)["miou"]
-    except (UserError, DataError, CheckpointError, PretrainedWeightsError, FloatingPointError) as err:
-        log.error("%s", err)
+    except (UserError, DataError, CheckpointError, PretrainedWeightsError, TeacherError, FloatingPointError,
+            ValueError) as err:
+        _save_traceback(cfg)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def _save_traceback(cfg: DictConfig) -> None:
+    """Keep the full traceback in the run directory (the console gets the one-line cause)."""
+    import traceback
+    from pathlib import Path
+
+    try:
+        path = Path(cfg.paths.output_dir) / "error.log"
+        path.write_text(traceback.format_exc())
+    except Exception:  # the run directory itself may be the problem; the one-line message still goes out
+        pass
 
 
 def train_main() -> None:

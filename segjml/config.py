@@ -29,6 +29,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = True
     head_lr_mult: float = 10.0
     no_decay_1d: bool = True
     log_interval: int = 50
@@ -36,6 +38,8 @@ class TrainerConfig:
     ckpt_interval: int = 1000
     progress: bool = True
     resume: str | None = None
+    limit_train_samples: int | None = None
+    limit_val_samples: int | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     extra: dict[str, Any] | None = None
 

@@ -6,26 +6,38 @@ import random
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from segjml.data.errors import DataError
 from segjml.data.transforms import train_transform, val_transform
+from segjml.utils import build
 
 
-def build_dataset(cfg: DictConfig, split: str) -> Dataset:
+def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transform: bool = True) -> Dataset:
     """Instantiate ``cfg.<split>`` (a ``_target_`` node) with the pipeline of that split.
 
     Args:
-        cfg: the ``dataset`` config: ``train`` / ``val`` nodes, ``crop_size``, ``scale_range``, ``mean``, ``std``,
-            ``ignore_index``.
+        cfg: the ``dataset`` config: ``train`` / ``val`` nodes, ``num_classes``, ``crop_size``, ``scale_range``,
+            ``hflip``, ``mean``, ``std``, ``ignore_index``.
         split: ``train`` or ``val``.
+        limit: keep only the first ``limit`` samples.
+        transform: attach the split's pipeline (``False``: raw uint8 images, for validation scans).
     """
-    if split == "train":
-        transform = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std, cfg.ignore_index)
-    else:
-        transform = val_transform(cfg.mean, cfg.std)
-    return instantiate(cfg[split], transform=transform)
+    pipeline = None
+    if transform and split == "train":
+        pipeline = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std, cfg.ignore_index)
+    elif transform:
+        pipeline = val_transform(cfg.mean, cfg.std)
+    dataset = build(cfg[split], transform=pipeline)
+    classes = getattr(dataset, "num_classes", cfg.num_classes)
+    if classes != cfg.num_classes:
+        raise DataError(f"dataset.num_classes={cfg.num_classes} but {type(dataset).__name__} has {classes} classes")
+    if limit is not None and limit < len(dataset):
+        subset = Subset(dataset, range(limit))
+        subset.class_names = getattr(dataset, "class_names", None)
+        return subset
+    return dataset
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -11,11 +11,11 @@ import hashlib
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segjml.engine.checkpoint import CheckpointError, load_checkpoint
+from segjml.utils import build
 
 
 class TeacherError(RuntimeError):
@@ -53,7 +53,7 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
     if model_cfg.get("num_classes") != num_classes:
         raise TeacherError(f"teacher {path} predicts {model_cfg.get('num_classes')} classes but the data set has "
                            f"{num_classes}")
-    teacher = instantiate(model_cfg)
+    teacher = build(model_cfg)
     try:
         teacher.load_state_dict(state["model"], strict=True)
     except RuntimeError as err:

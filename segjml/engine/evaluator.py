@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segjml.engine.report import format_table, reliability_diagram, write_json
 from segjml.metrics import SegmentationMetrics
 
 
@@ -93,8 +95,14 @@ def evaluate(
     scales: Sequence[float] = (1.0,),
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
+    output_dir: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
 ) -> dict:
-    """Run the model over ``loader`` and return ``metrics.compute()``; the model's train/eval mode is restored."""
+    """Run the model over ``loader`` and return ``metrics.compute()``; the model's train/eval mode is restored.
+
+    With ``output_dir``, also print the per-class table and write ``metrics.json`` and ``reliability.png`` there.
+    """
     was_training = model.training
     model.eval()
     metrics.reset()
@@ -106,4 +114,10 @@ def evaluate(
         metrics.update(probs, target)
     result = metrics.compute()
     model.train(was_training)
+    if output_dir is not None:
+        names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
+        print(format_table(result, names))
+        write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")
+        reliability_diagram(metrics.reliability(), Path(output_dir) / "reliability.png",
+                            title=f"{title}: reliability".strip(": "))
     return result

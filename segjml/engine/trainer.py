@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from segjml.data import build_dataset, build_loader
 from segjml.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from segjml.engine.distillation import build_teacher, teacher_logits
 from segjml.engine.evaluator import evaluate
 from segjml.engine.optim import build_optimizer
-from segjml.engine.report import format_table, reliability_diagram, write_json
 from segjml.metrics import SegmentationMetrics
+from segjml.utils import build
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,25 @@ def train(cfg: DictConfig) -> dict:
     device = resolve_device(tcfg.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    train_set = build_dataset(cfg.dataset, "train")
-    val_set = build_dataset(cfg.dataset, "val")
+    train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
+    val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
+    class_names = list(getattr(val_set, "class_names", [str(i) for i in range(cfg.dataset.num_classes)]))
     train_loader = build_loader(train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed,
                                 pin_memory=device.type == "cuda")
     val_loader = build_loader(val_set, tcfg.val_batch_size, False, tcfg.num_workers, cfg.seed,
                               pin_memory=device.type == "cuda")
 
-    model = instantiate(cfg.model).to(device)
+    model = build(cfg.model).to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = instantiate(cfg.loss).to(device)
-    optimizer = build_optimizer(model, instantiate(cfg.optimizer), tcfg.head_lr_mult, tcfg.no_decay_1d)
-    scheduler = instantiate(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
+    train_model = torch.compile(model) if tcfg.compile else model  # ``model`` stays the one saved and evaluated
+    criterion = build(cfg.loss).to(device)
+    teacher, teacher_hash = None, None
+    if criterion.needs_teacher:
+        teacher, teacher_hash = build_teacher(cfg.teacher, cfg.dataset.num_classes, device)
+        log.info("distilling from teacher %s (sha256 %s)", cfg.teacher.checkpoint, teacher_hash[:12])
+    optimizer = build_optimizer(model, build(cfg.optimizer), tcfg.head_lr_mult, tcfg.no_decay_1d)
+    scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
@@ -107,18 +113,21 @@ def train(cfg: DictConfig) -> dict:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_iter, best = state["iteration"], state.get("best_miou", -1.0)
+        if teacher_hash is not None and state.get("teacher_sha256") not in (None, teacher_hash):
+            raise CheckpointError(f"{resume} was trained with another teacher than {cfg.teacher.checkpoint}")
         log.info("resumed from %s at iteration %d", resume, start_iter)
 
     def save(name: str, iteration: int) -> None:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                     "iteration": iteration, "best_miou": best,
+                     "iteration": iteration, "best_miou": best, "teacher_sha256": teacher_hash,
                      "config": OmegaConf.to_container(cfg, resolve=True)}, ckpt_dir / f"{name}.pt")
 
-    def run_eval() -> dict:
+    def run_eval(output_dir: Path | None = None) -> dict:
         return evaluate(model, val_loader, metrics, device, tcfg.eval.mode, cfg.dataset.crop_size,
                         flip=tcfg.eval.flip, scales=tcfg.eval.scales, autocast_dtype=autocast_dtype,
-                        progress=tcfg.progress)
+                        progress=tcfg.progress, output_dir=output_dir, class_names=class_names,
+                        title=cfg.name)
 
     logger = JsonlLogger(run_dir / "log.jsonl")
     batches = infinite(train_loader)
@@ -135,8 +144,9 @@ def train(cfg: DictConfig) -> dict:
         t1 = time.perf_counter()
         data_time += t1 - t0
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(image)
-        terms = criterion({k: v.float() for k, v in outputs.items()}, target)
+            outputs = train_model(image)
+        soft_targets = teacher_logits(teacher, image, autocast_dtype) if teacher is not None else None
+        terms = criterion({k: v.float() for k, v in outputs.items()}, target, soft_targets)
         loss = terms["total"]
         if not torch.isfinite(loss):
             names = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -174,17 +184,13 @@ def train(cfg: DictConfig) -> dict:
             save("last", done)
     bar.close()
 
-    result = run_eval()
+    result = run_eval(output_dir=run_dir)
     logger.log(tcfg.max_iters, {f"val/{k}": v for k, v in result.items() if k != "iou_per_class"})
     logger.close()
     if result["miou"] > best:
         best = result["miou"]
         save("best", tcfg.max_iters)
     save("last", tcfg.max_iters)
-    class_names = list(cfg.dataset.class_names)
-    print(format_table(result, class_names))
-    write_json({**result, "class_names": class_names, "iterations": tcfg.max_iters}, run_dir / "metrics.json")
-    reliability_diagram(metrics.reliability(), run_dir / "reliability.png", title=f"{cfg.name}: reliability")
     log.info("run directory: %s", run_dir)
     return result
 
