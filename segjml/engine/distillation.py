@@ -48,7 +48,9 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
     model_cfg = cfg.get("model") or (state.get("config") or {}).get("model")
     if model_cfg is None:
         raise TeacherError(f"teacher checkpoint {path} holds no model config; set teacher.model")
-    model_cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=False))
+    if isinstance(model_cfg, DictConfig):  # an explicit node: resolve it against the full config first
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    model_cfg = OmegaConf.create(model_cfg)
     model_cfg.pretrained = False  # the checkpoint holds every weight
     if model_cfg.get("num_classes") != num_classes:
         raise TeacherError(f"teacher {path} predicts {model_cfg.get('num_classes')} classes but the data set has "
