@@ -87,31 +87,41 @@ class SegmentationMetrics(Metric):
         self._check(probs, target)
         probs = probs.float().contiguous()
         b, c, h, w = probs.shape
-        hw, nb, n = h * w, self.n_bins, probs.shape[0] * h * w
+        hw, nb = h * w, self.n_bins
+        i32 = torch.int32
         keep = target != self.ignore_index
         boundary = boundary_map(target, self.boundary_kernel, self.ignore_index)
         # Region of every pixel: 0 kept and not boundary, 1 boundary, 2 ignored. Histograms get a third row for the
-        # ignored pixels that is dropped, which avoids boolean indexing (a hidden nonzero) of every per-pixel tensor.
-        region = torch.where(keep, boundary.to(torch.long), 2).reshape(-1)
-        label = target.clamp(0, c - 1).reshape(-1)
-        conf = probs.amax(1).reshape(-1)
+        # ignored pixels that is dropped, which avoids boolean indexing (a hidden nonzero) of per-pixel tensors.
+        region = torch.where(keep, boundary.to(i32), 2).view(b, hw)
+        label = target.clamp(0, c - 1).to(i32).view(b, hw)
+        conf = probs.amax(1).view(b, hw)
 
-        # The (pixel, class) pairs with p >= 1 / n_bins: at most n_bins per pixel. They hold every pixel's top class
-        # whenever its confidence is >= 1 / n_bins, and they are all the static-calibration histogram needs beyond
-        # bin 0 (bin 0 follows from per-class totals).
-        p, cls, pix = _high_pairs(probs, 1.0 / nb)
-        top = torch.where(p == conf[pix], pix, n)  # the top class of each pixel; other pairs go to a spare slot
-        pred = torch.zeros(n + 1, dtype=torch.long, device=probs.device).scatter_(0, top, cls)[:n]
+        # Pairs (pixel, class) with p >= 1 / n_bins, image by image: at most n_bins per pixel. They hold every pixel's
+        # top class whenever its confidence is >= 1 / n_bins, and they are all the static-calibration histogram needs
+        # beyond bin 0 (bin 0 follows from per-class totals).
+        pred = torch.empty(b, hw, dtype=torch.long, device=probs.device)
+        pair_count = torch.zeros(3 * c * nb, dtype=torch.float64, device=probs.device)
+        pair_p_sum = torch.zeros_like(pair_count)
+        for i in range(b):
+            x = probs[i].view(c, hw)
+            cls, pix, p = _high_pairs(x, 1.0 / nb)
+            top = torch.where(p == conf[i][pix], pix, hw)  # other pairs go to a spare slot
+            pred[i] = torch.zeros(hw + 1, dtype=torch.long, device=probs.device).scatter_(0, top, cls)[:hw]
+            idx = (region[i][pix] * c + cls) * nb + (p * nb).to(i32).clamp_(max=nb - 1)
+            pair_count += torch.bincount(idx, minlength=3 * c * nb)
+            pair_p_sum += torch.bincount(idx, weights=p.double(), minlength=3 * c * nb)
         low = conf < 1.0 / nb  # possible only when C > n_bins: take the argmax of those few pixels directly
         if c > nb and low.any():
-            lp = low.nonzero().squeeze(1)
-            pred[lp] = probs.reshape(b, c, hw)[lp // hw, :, lp % hw].argmax(1)
+            bi, pi = low.nonzero(as_tuple=True)
+            pred[bi, pi] = probs.view(b, c, hw)[bi, :, pi].argmax(1)
+        pred = pred.to(i32)
 
         # Confusion matrix per image (B, C, C), rows = ground truth, columns = prediction; ignored pixels are
         # counted in a spare slot.
-        offset = torch.arange(b, device=probs.device).view(b, 1) * (c * c)
-        idx = torch.where(region.view(b, hw) < 2, offset + (label * c + pred).view(b, hw), b * c * c)
-        per_image = torch.bincount(idx.reshape(-1), minlength=b * c * c + 1)[:-1].view(b, c, c)
+        offset = torch.arange(b, device=probs.device, dtype=i32).view(b, 1) * (c * c)
+        idx = torch.where(region < 2, (label * c + pred).add_(offset), b * c * c)
+        per_image = torch.bincount(idx.view(-1), minlength=b * c * c + 1)[:-1].view(b, c, c)
         self.confmat += per_image.sum(0)
         inter = per_image.diagonal(dim1=1, dim2=2).double()
         union = per_image.sum(1).double() + per_image.sum(2).double() - inter
@@ -124,24 +134,22 @@ class SegmentationMetrics(Metric):
         self.class_image_count += occurs.sum(0)
 
         # Top-label calibration per region: count, sum of confidences, number correct.
-        idx = region * nb + (conf * nb).long().clamp_(max=nb - 1)
+        idx = (region * nb).add_((conf * nb).to(i32).clamp_(max=nb - 1)).view(-1)
         top_hist = torch.stack([
             torch.bincount(idx, minlength=3 * nb).double(),
-            torch.bincount(idx, weights=conf.double(), minlength=3 * nb),
-            torch.bincount(idx, weights=(pred == label).double(), minlength=3 * nb),
+            torch.bincount(idx, weights=conf.view(-1).double(), minlength=3 * nb),
+            torch.bincount(idx, weights=(pred == label).view(-1).double(), minlength=3 * nb),
         ], dim=-1).view(3, nb, 3)
         self.top_hist[0] += top_hist[0] + top_hist[1]
         self.top_hist[1] += top_hist[1]
 
         # Static calibration per region, class and bin: count, sum of p_k, number labelled k.
-        idx = (region[pix] * c + cls) * nb + (p * nb).long().clamp_(max=nb - 1)
-        count = torch.bincount(idx, minlength=3 * c * nb).double().view(3, c, nb)
-        p_sum = torch.bincount(idx, weights=p.double(), minlength=3 * c * nb).view(3, c, nb)
-        p_label = probs.reshape(b, c, hw).gather(1, label.view(b, 1, hw)).reshape(-1)
-        idx = (region * c + label) * nb + (p_label * nb).long().clamp_(max=nb - 1)
+        count, p_sum = pair_count.view(3, c, nb), pair_p_sum.view(3, c, nb)
+        p_label = probs.view(b, c, hw).gather(1, label.long().view(b, 1, hw)).view(b, hw)
+        idx = ((region * c).add_(label) * nb).add_((p_label * nb).to(i32).clamp_(max=nb - 1)).view(-1)
         labelled = torch.bincount(idx, minlength=3 * c * nb).double().view(3, c, nb)  # every bin, bin 0 included
-        masks = torch.stack([region == 0, region == 1], dim=-1).to(probs.dtype).view(b, hw, 2)
-        p_total = torch.bmm(probs.reshape(b, c, hw), masks).sum(0).T.double()  # (2, C)
+        masks = torch.stack([region == 0, region == 1], dim=-1).to(probs.dtype)  # (B, HW, 2)
+        p_total = torch.bmm(probs.view(b, c, hw), masks).sum(0).T.double()  # (2, C)
         n_pix = masks.sum((0, 1)).double()  # (2,)
         hist = torch.stack([count[:2], p_sum[:2], labelled[:2]], dim=-1)  # (2, C, nb, 3)
         hist[:, :, 0, 0] += n_pix[:, None] - count[:2].sum(-1)
@@ -196,26 +204,16 @@ def _nonzero_sparse(mask: torch.Tensor) -> torch.Tensor:
     return hit[row] * 8 + col
 
 
-def _high_pairs(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(p, class, flat pixel index)`` of every (pixel, class) pair with ``p >= threshold``, image by image."""
-    b, c, h, w = probs.shape
-    hw = h * w
-    parts = []
-    for i in range(b):
-        x = probs[i].reshape(c, hw)
-        mask = x >= threshold
-        if c * threshold > 4:  # at most 1 / threshold pairs per pixel among c: sparse
-            flat = _nonzero_sparse(mask)
-            cls = flat // hw
-            pix = flat - cls * hw
-            p = x.reshape(-1)[flat]
-        else:
-            cls, pix = mask.nonzero(as_tuple=True)
-            p = x[cls, pix]
-        parts.append((p, cls, pix + i * hw))
-    if b == 1:
-        return parts[0]
-    return tuple(torch.cat(t) for t in zip(*parts))
+def _high_pairs(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(class, pixel, p)`` of every entry of ``x`` (C, N) with ``p >= threshold``."""
+    c, n = x.shape
+    mask = x >= threshold
+    if c * threshold > 4:  # at most 1 / threshold pairs per pixel among c classes: sparse
+        flat = _nonzero_sparse(mask)
+        cls = flat // n
+        return cls, flat - cls * n, x.view(-1)[flat]
+    cls, pix = mask.nonzero(as_tuple=True)
+    return cls, pix, x[cls, pix]
 
 
 def _pct(value: torch.Tensor) -> float:
