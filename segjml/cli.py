@@ -23,7 +23,7 @@ def run_training(cfg: DictConfig) -> float:
     from segjml.models import PretrainedWeightsError
 
     try:
-        return train(cfg)["miou"]
+        return train(cfg).get("miou", float("nan"))
     except (UserError, DataError, CheckpointError, PretrainedWeightsError, TeacherError, FloatingPointError,
             ValueError) as err:
         _save_traceback(cfg)

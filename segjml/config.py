@@ -38,6 +38,7 @@ class TrainerConfig:
     ckpt_interval: int = 1000
     progress: bool = True
     resume: str | None = None
+    skip_nonfinite: bool = False
     limit_train_samples: int | None = None
     limit_val_samples: int | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -7,9 +7,10 @@ import random
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from segjml.data.errors import DataError
+from segjml.data.samplers import ResumableSampler, SeededSamples, ShardSampler
 from segjml.data.transforms import train_transform, val_transform
 from segjml.utils import build
 
@@ -41,7 +42,8 @@ def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transfo
 
 
 def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; numpy and random follow that seed.
+    # torch seeds each worker from the loader's generator; numpy and random follow that seed. (Augmentations are
+    # re-seeded per sample by SeededSamples, so results do not depend on which worker loads a sample.)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -53,21 +55,29 @@ def build_loader(
     train: bool,
     num_workers: int = 2,
     seed: int = 0,
-    distributed: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A reproducible loader: seeded shuffling and worker seeds; ``DistributedSampler`` under DDP."""
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train) if distributed else None
-    generator = torch.Generator().manual_seed(seed)
+    """A reproducible loader.
+
+    Training: :class:`ResumableSampler` (seeded shuffling per epoch, this rank's share, restartable mid-epoch) over
+    :class:`SeededSamples` (augmentation seeded per sample), ``drop_last``. Evaluation: every sample exactly once over
+    all ranks (:class:`ShardSampler`), so metrics synchronised across ranks equal a single-process evaluation.
+    """
+    if train:
+        sampler = ResumableSampler(len(dataset), seed, rank, world_size)
+        dataset = SeededSamples(dataset, seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=train,
         worker_init_fn=_seed_worker,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
     )

@@ -1,0 +1,234 @@
+"""Trainer robustness: exact resume after kill -9, SIGTERM, bad checkpoints, non-finite losses, DDP, sync_stats."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from segjml.engine import train
+from segjml.engine.checkpoint import CheckpointError, load_checkpoint
+from segjml.losses import JaccardMetricLoss, SegmentationCriterion
+from tests.conftest import ROOT, compose_config
+
+RUN = ["debug=fast", "trainer.max_iters=12", "trainer.ckpt_interval=1", "trainer.num_workers=1",
+       "trainer.limit_train_samples=16", "dataset.scale_range=[0.5,2.0]", "trainer.progress=false"]
+
+
+def command(log_dir, *extra):
+    return [sys.executable, "train.py", f"paths.log_dir={log_dir}", *RUN, *extra]
+
+
+def run_dir_of(log_dir):
+    return next(log_dir.rglob("checkpoints")).parent
+
+
+def wait_for_iteration(proc, log_dir, at_least, timeout=120):
+    """Poll the run's last.pt until it holds ``at_least`` iterations."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        path = next(log_dir.rglob("last.pt"), None)
+        if path is not None:
+            try:
+                if load_checkpoint(path)["iteration"] >= at_least:
+                    return
+            except CheckpointError:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def final_weights(log_dir):
+    return load_checkpoint(run_dir_of(log_dir) / "checkpoints" / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run."""
+    log_dir = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(command(log_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return final_weights(log_dir)
+
+
+def assert_same_weights(a, b):
+    assert a["iteration"] == b["iteration"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_kill_9_then_rerun_gives_bitwise_identical_weights(tmp_path, reference):
+    at = random.Random().randint(2, 9)
+    proc = subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_iteration(proc, tmp_path, at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout + rerun.stderr
+    assert_same_weights(final_weights(tmp_path), reference)
+
+
+def test_sigterm_saves_last_exits_zero_and_rerun_continues(tmp_path, reference):
+    proc = subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_iteration(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = final_weights(tmp_path)["iteration"]
+    assert 3 <= stopped < 12 and f"saved checkpoints/last.pt at iteration {stopped}" in out + err
+    rerun = subprocess.run(command(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and f"at iteration {stopped}" in rerun.stdout + rerun.stderr
+    assert_same_weights(final_weights(tmp_path), reference)
+
+
+def test_truncated_checkpoint_is_never_resumed_and_explicit_path_fails_in_one_line(tmp_path, reference):
+    log_dir = tmp_path / "logs"
+    proc = subprocess.run(command(log_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    last = run_dir_of(log_dir) / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a half-written file
+    rerun = subprocess.run(command(log_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "resumed from" not in rerun.stdout + rerun.stderr  # started afresh
+    assert_same_weights(final_weights(log_dir), reference)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(data[:1000])
+    explicit = subprocess.run(command(tmp_path / "other", f"trainer.resume={broken}"), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert explicit.returncode == 2
+    assert explicit.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {broken} cannot be read")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
+    payload = _RunsCode()
+    payload.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": payload}, f)
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_checkpoint(path)
+    assert not payload.marker.exists()
+
+
+class NanAtCall(SegmentationCriterion):
+    """The demo loss, but NaN at its ``nan_call``-th call."""
+
+    def __init__(self, nan_call: int, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_call, self.calls = nan_call, 0
+
+    def forward(self, outputs, target, teacher_logits=None):
+        terms = super().forward(outputs, target, teacher_logits)
+        self.calls += 1
+        if self.calls == self.nan_call:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+
+def nan_config(tmp_path, *extra):
+    return compose_config(["debug=fast", "trainer.max_iters=6", "trainer.ckpt_interval=2", "loss=ce_jml",
+                           "+loss.nan_call=3", "loss._target_=tests.test_trainer.NanAtCall", *extra], tmp_path)
+
+
+def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 3 \(ce=.*total=nan"):
+        train(nan_config(tmp_path))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_can_skip_the_batch(tmp_path):
+    result = train(nan_config(tmp_path, "trainer.skip_nonfinite=true", "trainer.log_interval=1"))
+    assert 0 <= result["miou"] <= 100
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert max(line.get("nonfinite_skipped", 0) for line in lines) == 1
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync_stats_worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (4, 8, 8), generator=g)
+    mine = logits[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
+    loss = JaccardMetricLoss(sync_stats=True)(mine, labels[rank * 2:(rank + 1) * 2])
+    loss.backward()
+    queue.put((rank, loss.item(), mine.grad))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sync_stats_on_two_processes_equals_one_process_on_the_whole_batch():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_sync_stats_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in range(2))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    labels = torch.randint(0, 5, (4, 8, 8), generator=g)
+    loss = JaccardMetricLoss()(logits, labels)
+    loss.backward()
+    for rank, value, grad in results:
+        assert value == pytest.approx(loss.item(), abs=1e-12)
+        # Every rank's loss is the global loss, and the all-reduce's backward sums both ranks' upstream gradients:
+        # each rank holds twice the single-process gradient of its logits, which DDP's mean over 2 ranks turns into
+        # exactly the single-process parameter gradient.
+        assert torch.allclose(grad, 2 * logits.grad[rank * 2:(rank + 1) * 2], atol=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "train.py", f"paths.log_dir={tmp_path}", "debug=fast",
+           "trainer.max_iters=4", "trainer.limit_val_samples=7"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = run_dir_of(tmp_path)
+    ddp_metrics = json.loads((run / "metrics.json").read_text())
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from segjml.data import build_dataset, build_loader
+    from segjml.engine import evaluate
+    from segjml.metrics import SegmentationMetrics
+
+    cfg = OmegaConf.create(state["config"])
+    model = instantiate(cfg.model)
+    model.load_state_dict(state["model"])
+    loader = build_loader(build_dataset(cfg.dataset, "val", 7), 2, False, 0)
+    single = evaluate(model, loader, SegmentationMetrics(6), torch.device("cpu"), progress=False)
+    for key in ("acc", "miou", "ece", "sce"):
+        assert single[key] == pytest.approx(ddp_metrics[key], abs=1e-6), key
