@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> dict:
 
     # Model, loss, teacher, optimisation
     model = build(cfg.model).to(device)
-    if dist.enabled and tcfg.sync_bn:
+    if dist.enabled and tcfg.sync_bn and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
