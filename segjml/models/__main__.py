@@ -50,7 +50,7 @@ def main() -> None:
         paper = TABLE9.get(path.stem)
         diff = f"{100 * (params - paper) / paper:+7.2f}" if paper else f"{'-':>7}"
         row = f"{path.stem:<14} {kwargs['arch']:<14} {kwargs['encoder']:<16} {params:10.2f} "
-        row += f"{paper if paper else '-':>8} {diff}"
+        row += (f"{paper:8.2f}" if paper else f"{'-':>8}") + f" {diff}"
         if args.flops:
             row += f" {gflops(model, (512, 1024)):8.1f}"
         print(row, flush=True)
