@@ -115,9 +115,15 @@ def evaluate(
     result = metrics.compute()
     model.train(was_training)
     if output_dir is not None:
-        names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
-        print(format_table(result, names))
-        write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")
-        reliability_diagram(metrics.reliability(), Path(output_dir) / "reliability.png",
-                            title=f"{title}: reliability".strip(": "))
+        write_report(result, metrics, output_dir, class_names, title)
     return result
+
+
+def write_report(result: dict, metrics: SegmentationMetrics, output_dir: str | Path,
+                 class_names: Sequence[str] | None = None, title: str = "") -> None:
+    """Print the per-class table; write ``metrics.json`` and ``reliability.png`` to ``output_dir``."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
+    print(format_table(result, names))
+    write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")
+    reliability_diagram(metrics.reliability(), Path(output_dir) / "reliability.png",
+                        title=f"{title}: reliability".strip(": "))

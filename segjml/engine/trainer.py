@@ -33,7 +33,7 @@ from segjml.engine.checkpoint import (
     save_atomic,
 )
 from segjml.engine.distillation import build_teacher, teacher_logits
-from segjml.engine.evaluator import evaluate
+from segjml.engine.evaluator import evaluate, write_report
 from segjml.engine.logger import RunLogger
 from segjml.engine.optim import build_optimizer
 from segjml.metrics import SegmentationMetrics
@@ -240,7 +240,7 @@ def train(cfg: DictConfig) -> dict:
     bar.close()
     stop.restore()
 
-    result = run_eval(output_dir=run_dir)
+    result = run_eval()
     logger.log(tcfg.max_iters, {f"val/{k}": v for k, v in result.items() if k != "iou_per_class"})
     logger.close()
     if result["miou"] > best:
@@ -249,5 +249,6 @@ def train(cfg: DictConfig) -> dict:
     save("last", tcfg.max_iters)
     if dist.is_main:
         log.info("run directory: %s", run_dir)
+        write_report(result, metrics, run_dir, class_names, cfg.name)  # the table comes last on the console
     D.cleanup(dist)
     return result
