@@ -223,6 +223,14 @@ def test_train_runs_on_each_fixture(name, tmp_path):
     assert list((tmp_path / "out").rglob("metrics.json"))
 
 
+def test_training_split_smaller_than_a_batch_is_refused(tmp_path):
+    from segjml.data import build_loader
+
+    dataset = Cityscapes(write_cityscapes(tmp_path / "cs", sizes=(("train", 3),)), "train")
+    with pytest.raises(DataError, match="3 samples, fewer than one batch .*batch_size=8"):
+        build_loader(dataset, 8, True)
+
+
 def test_train_on_a_broken_root_stops_with_one_line(tmp_path):
     cmd = [sys.executable, "train.py", "dataset=cityscapes", f"paths.data_dir={tmp_path}", "trainer.max_iters=2",
            f"paths.log_dir={tmp_path / 'out'}"]

@@ -66,6 +66,9 @@ def build_loader(
     all ranks (:class:`ShardSampler`), so metrics synchronised across ranks equal a single-process evaluation.
     """
     if train:
+        if len(dataset) < batch_size * world_size:
+            raise DataError(f"the training split has {len(dataset)} samples, fewer than one batch "
+                            f"(trainer.batch_size={batch_size} x {world_size} process(es)); lower trainer.batch_size")
         sampler = ResumableSampler(len(dataset), seed, rank, world_size)
         dataset = SeededSamples(dataset, seed)
     else:
