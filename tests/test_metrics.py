@@ -1,17 +1,13 @@
 """Segmentation metrics against torchmetrics and a plain NumPy computation of the definitions."""
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassJaccardIndex
 
 from segjml.labels import boundary_map
 from segjml.metrics import SegmentationMetrics
+from tests.distributed import run_on_ranks
 
 C = 5
 
@@ -143,39 +139,19 @@ def test_bad_inputs_raise_value_errors():
         m.update(probs, target[:, :5])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _metrics_on_rank(rank, world):
     probs, target = random_batch(6, b=4)
     m = SegmentationMetrics(C)
     m.update(probs[rank * 2:(rank + 1) * 2], target[rank * 2:(rank + 1) * 2])
-    result = m.compute()
-    if rank == 0:
-        queue.put(result)
-    dist.barrier()
-    dist.destroy_process_group()
+    return m.compute()  # synchronised over the two processes by torchmetrics
 
 
 def test_ddp_two_processes_equal_one_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_ranks(_metrics_on_rank, world=2)
     probs, target = random_batch(6, b=4)
     single = SegmentationMetrics(C)
     single.update(probs, target)
     expected = single.compute()
-    for key in expected:
-        assert np.allclose(result[key], expected[key], equal_nan=True), key
+    for result in results:
+        for key in expected:
+            assert np.allclose(result[key], expected[key], equal_nan=True), key

@@ -5,20 +5,18 @@ import os
 import pickle
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from segjml.engine import train
 from segjml.engine.checkpoint import CheckpointError, load_checkpoint
 from segjml.losses import JaccardMetricLoss, SegmentationCriterion
 from tests.conftest import ROOT, compose_config
+from tests.distributed import run_on_ranks
 
 RUN = ["debug=fast", "trainer.max_iters=12", "trainer.ckpt_interval=1", "trainer.num_workers=1",
        "trainer.limit_train_samples=16", "dataset.scale_range=[0.5,2.0]", "trainer.progress=false"]
@@ -164,43 +162,24 @@ def test_nan_loss_can_skip_the_batch(tmp_path):
 
 
 # --- distributed ----------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_stats_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _sync_stats_on_rank(rank, world):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 5, (4, 8, 8), generator=g)
     mine = logits[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
     loss = JaccardMetricLoss(sync_stats=True)(mine, labels[rank * 2:(rank + 1) * 2])
     loss.backward()
-    queue.put((rank, loss.item(), mine.grad))
-    dist.barrier()
-    dist.destroy_process_group()
+    return loss.item(), mine.grad
 
 
 def test_sync_stats_on_two_processes_equals_one_process_on_the_whole_batch():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_sync_stats_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in range(2))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_on_ranks(_sync_stats_on_rank, world=2)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
     labels = torch.randint(0, 5, (4, 8, 8), generator=g)
     loss = JaccardMetricLoss()(logits, labels)
     loss.backward()
-    for rank, value, grad in results:
+    for rank, (value, grad) in enumerate(results):
         assert value == pytest.approx(loss.item(), abs=1e-12)
         # Every rank's loss is the global loss, and the all-reduce's backward sums both ranks' upstream gradients:
         # each rank holds twice the single-process gradient of its logits, which DDP's mean over 2 ranks turns into
