@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     # Data
     train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
     val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
-    class_names = list(getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))
+    class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
     pin = device.type == "cuda"
     train_loader = build_loader(train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed, dist.rank,
                                 dist.world_size, pin)
