@@ -28,7 +28,7 @@ test-slow: $(STAMP) ## Run only the slow tests (multi-process, large models)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP) ## Lint with ruff
-	$(PY) -m ruff check segjml tests scripts train.py
+	$(PY) -m ruff check segjml tests scripts train.py eval.py predict.py
 
 models: $(STAMP) ## Print the model table (parameters vs paper Table 9)
 	$(PY) -m segjml.models

@@ -31,6 +31,33 @@ def run_training(cfg: DictConfig) -> float:
         sys.exit(2)
 
 
+def run_evaluation(cfg: DictConfig) -> float:
+    """``eval.py``: evaluate a checkpoint; input errors end the process with one line and exit code 2."""
+    from segjml.engine.inference import evaluate_checkpoint
+
+    return _guarded(cfg, lambda: evaluate_checkpoint(cfg)["miou"])
+
+
+def run_prediction(cfg: DictConfig) -> None:
+    """``predict.py``: write colour-coded predictions; input errors end the process with one line and exit code 2."""
+    from segjml.engine.inference import predict_images
+
+    _guarded(cfg, lambda: predict_images(cfg))
+
+
+def _guarded(cfg: DictConfig, fn):
+    from segjml.data.errors import DataError
+    from segjml.engine.checkpoint import CheckpointError
+    from segjml.models import PretrainedWeightsError
+
+    try:
+        return fn()
+    except (UserError, DataError, CheckpointError, PretrainedWeightsError, ValueError) as err:
+        _save_traceback(cfg)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _save_traceback(cfg: DictConfig) -> None:
     """Keep the full traceback in the run directory (the console gets the one-line cause)."""
     import traceback
