@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import cv2
-import numpy as np
 import pytest
 
 from segjml.data.synthetic import PALETTE, make_sample
