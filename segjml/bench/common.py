@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -69,3 +70,22 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:8.0f} MiB"
+
+
+def shape_parser(prog: str, doc: str | None, shapes: list[str], repeats: int) -> argparse.ArgumentParser:
+    """The options every tensor benchmark takes: ``--shapes BxCxHxW ...``, ``--repeats``, ``--device``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=shapes)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split("x"))
+
+
+def block_labels(b: int, c: int, h: int, w: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``(B, H, W)`` labels made of 16x16 blocks of random classes: realistic boundaries, every class likely."""
+    blocks = torch.randint(0, c, (b, 1, max(h // 16, 1), max(w // 16, 1)), generator=generator, device=device)
+    return torch.nn.functional.interpolate(blocks.float(), size=(h, w), mode="nearest")[:, 0].long()

@@ -10,12 +10,11 @@ before the call on CPU, ``max_memory_allocated`` on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from segjml.bench.common import fmt_bytes, median_time, peak_extra_memory
+from segjml.bench.common import block_labels, fmt_bytes, median_time, parse_shape, peak_extra_memory, shape_parser
 from segjml.labels import boundary_label_smoothing
 from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss
 
@@ -28,9 +27,7 @@ def make_inputs(shape, kind: str, device: torch.device, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(b, c, h, w, generator=g, device=device)
     if kind == "hard":
-        # piecewise-constant labels with real boundaries: 16x16 blocks of random classes, upsampled
-        blocks = torch.randint(0, c, (b, 1, max(h // 16, 1), max(w // 16, 1)), generator=g, device=device)
-        target = torch.nn.functional.interpolate(blocks.float(), size=(h, w), mode="nearest")[:, 0].long()
+        target = block_labels(b, c, h, w, g, device)
     else:
         target = torch.rand(b, c, h, w, generator=g, device=device)
         target.exp_()
@@ -57,18 +54,14 @@ def make_step(name: str, logits: torch.Tensor, target: torch.Tensor):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segjml.bench losses", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["8x21x512x512", "8x150x512x512"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = shape_parser("python -m segjml.bench losses", __doc__, ["8x21x512x512", "8x150x512x512"], 3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
     print(f"{'shape':<16} {'target':<6} {'loss':<12} {'time (s)':>9} {'x CE':>6} {'peak extra':>12} {'x CE':>6}")
     for shape_str in args.shapes:
-        shape = tuple(int(v) for v in shape_str.split("x"))
+        shape = parse_shape(shape_str)
         for kind, names in (("hard", HARD), ("soft", SOFT)):
             logits, target = make_inputs(shape, kind, device)
             base_t = base_m = None

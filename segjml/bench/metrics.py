@@ -6,12 +6,10 @@ torchmetrics' ``MulticlassJaccardIndex.update`` alone, on the same batch, in the
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from segjml.bench.common import median_time
+from segjml.bench.common import block_labels, median_time, parse_shape, shape_parser
 from segjml.metrics import SegmentationMetrics
 
 
@@ -19,24 +17,19 @@ def make_batch(shape, device, seed=0):
     b, c, h, w = shape
     g = torch.Generator(device=device).manual_seed(seed)
     probs = torch.randn(b, c, h, w, generator=g, device=device).mul_(3).softmax(1)
-    blocks = torch.randint(0, c, (b, 1, h // 16, w // 16), generator=g, device=device)
-    target = torch.nn.functional.interpolate(blocks.float(), size=(h, w), mode="nearest")[:, 0].long()
+    target = block_labels(b, c, h, w, g, device)
     target[:, :8] = 255
     return probs, target
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segjml.bench metrics", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["2x19x512x1024", "2x150x512x1024"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = shape_parser("python -m segjml.bench metrics", __doc__, ["2x19x512x1024", "2x150x512x1024"], 5)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
     print(f"{'shape':<16} {'torchmetrics mIoU (s)':>22} {'segjml all metrics (s)':>23} {'ratio':>6}")
     for shape_str in args.shapes:
-        shape = tuple(int(v) for v in shape_str.split("x"))
+        shape = parse_shape(shape_str)
         probs, target = make_batch(shape, device)
         ours = SegmentationMetrics(shape[1]).to(device)
         theirs = MulticlassJaccardIndex(shape[1], ignore_index=255).to(device)
