@@ -37,7 +37,19 @@ bench: $(STAMP) ## Run the benchmarks (losses, metrics)
 	$(PY) -m segjml.bench losses
 	$(PY) -m segjml.bench metrics
 
+TABLES ?= all
+LAUNCHER ?= local
+ARGS ?=
+reproduce: $(STAMP) ## Train the paper's tables (TABLES=2,4 LAUNCHER=submitit_slurm DRY_RUN=1 ARGS="k=v ...") and build tables/figures
+	$(PY) scripts/reproduce.py --tables $(TABLES) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) -- $(ARGS)
+
+reproduce-smoke: $(STAMP) ## The same pipeline on synthetic data with a tiny model (CPU, < 10 min): tables + figures
+	$(PY) scripts/reproduce.py --smoke --launcher inprocess -- $(ARGS)
+
+tables: $(STAMP) ## Rebuild the tables from the finished runs (TABLES=...)
+	$(PY) scripts/make_tables.py --tables $(TABLES) -- $(ARGS)
+
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-slow lint models bench clean
+.PHONY: help install demo test test-slow lint models bench reproduce reproduce-smoke tables clean

@@ -1,9 +1,12 @@
 """Every option of every config group composes; the demo defaults are the demo experiment."""
 
+import subprocess
+import sys
+
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONFIG_DIR, compose_config, group_options
+from tests.conftest import CONFIG_DIR, ROOT, compose_config, group_options
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
@@ -14,8 +17,14 @@ def test_all_concerns_have_a_group():
     assert expected <= set(GROUPS)
 
 
+def _paper_preset(group: str, option: str) -> bool:
+    """Paper experiment presets are composed and checked against the paper in test_reproduce."""
+    return group == "experiment" and option.split("_")[0] in ("cs", "voc", "ade", "dg")
+
+
 @pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS if g != "hydra" for o in group_options(g)]
+    "group,option",
+    [(g, o) for g in GROUPS if g not in ("hydra", "recipe") for o in group_options(g) if not _paper_preset(g, o)],
 )
 def test_group_option_composes_and_resolves(group, option, tmp_path):
     cfg = compose_config([f"{group}={option}"], tmp_path)
@@ -23,6 +32,20 @@ def test_group_option_composes_and_resolves(group, option, tmp_path):
     assert container["dataset"]["num_classes"] > 0
     if group == "experiment":
         assert container["name"], "every experiment names its runs"
+
+
+@pytest.mark.parametrize("recipe", group_options("recipe"))
+def test_recipes_compose_on_top_of_the_defaults(recipe, tmp_path):
+    cfg = OmegaConf.to_container(compose_config([f"+recipe={recipe}"], tmp_path), resolve=True)
+    assert cfg["dataset"]["name"] == recipe.replace("_smoke", "")
+
+
+def test_slurm_launcher_option_composes(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_slurm",
+                           "experiment=voc_dl3r18_jml_bls", "--cfg", "hydra", "--package", "hydra.launcher"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SlurmLauncher" in proc.stdout
 
 
 def test_defaults_are_the_demo(tmp_path):

@@ -77,6 +77,23 @@ def test_kill_9_then_rerun_gives_bitwise_identical_weights(tmp_path, reference):
     assert_same_weights(final_weights(tmp_path), reference)
 
 
+def test_usr2_saves_last_then_hands_the_signal_to_the_previous_handler(tmp_path):
+    """submitit requeues a SLURM job from its USR2 handler: that handler must run after last.pt is written."""
+    import threading
+
+    seen = []
+    cfg = compose_config([*RUN, "trainer.max_iters=100000", "trainer.ckpt_interval=100000"], tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append((signum, last.is_file())))
+    try:
+        threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        result = train(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, True)]
+    assert result["stopped_at"] == load_checkpoint(last)["iteration"] > 0
+
+
 def test_sigterm_saves_last_exits_zero_and_rerun_continues(tmp_path, reference):
     proc = subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_iteration(proc, tmp_path, 3)

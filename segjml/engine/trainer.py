@@ -56,12 +56,16 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 (cluster preemption) so the loop can save and exit at an iteration boundary."""
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 (cluster preemption, time limit) so the loop can save and exit at an
+    iteration boundary. A handler that was installed before (submitit's USR2 handler requeues the SLURM job) is
+    called after the checkpoint is written (:meth:`forward`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -70,6 +74,12 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def forward(self) -> None:
+        """Hand the received signal to the handler installed before ours, if that was a Python function."""
+        handler = self.previous.get(self.received)
+        if callable(handler):
+            handler(self.received, None)
 
 
 def batches(loader, start_iter: int):
@@ -173,6 +183,7 @@ def train(cfg: DictConfig) -> dict:
             logger.close()
             stop.restore()
             D.cleanup(dist)
+            stop.forward()  # e.g. submitit requeues the job, which resumes from last.pt
             return {"stopped_at": it}
         image, target = next(data)
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
