@@ -206,7 +206,8 @@ def test_table_builder_reproduces_the_papers_own_fold_statistics(tmp_path):
     for labels, (mean, std) in {("KD", "CE"): (66.40, 0.86), ("KD", "JML"): (67.62, 0.27),
                                 ("KD", "Diff"): (1.22, 0.59), ("BLS", "JML"): (69.73, 0.89)}.items():
         ours = by_row[(labels, "μ ± σ")]["ours"]
-        assert ours["mean"] == pytest.approx(mean, abs=0.005) and ours["std"] == pytest.approx(std, abs=0.005)
+        # the printed folds are rounded to 0.01 and so is the paper's mean ± std of the unrounded ones: 0.01 apart
+        assert ours["mean"] == pytest.approx(mean, abs=0.01) and ours["std"] == pytest.approx(std, abs=0.01)
         assert by_row[(labels, "μ ± σ")]["diff"] == pytest.approx(ours["mean"] - mean)
     assert by_row[(("KD", "Diff"), "0")]["ours"]["mean"] == pytest.approx(2.27)
     assert by_row[(("BLS", "CE"), "μ ± σ")]["ours"] is None  # no runs: nothing made up

@@ -25,9 +25,10 @@ from segjml.reproduce.grid import Table, cell_runs, repeat_overrides, sweep_poin
 from segjml.reproduce.tables import Stat, read_metrics  # noqa: E402
 
 
-def figure1_curves(y: float, n: int = 401) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Loss against the prediction ``x`` in (0, 1) for the soft label ``y`` (one pixel, one class, no smoothing)."""
-    x = torch.linspace(1e-3, 1 - 1e-3, n, dtype=torch.float64)
+def figure1_curves(y: float, steps: int = 1000) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Loss against the prediction ``x`` in (0, 1), on a grid of step ``1 / steps``, for the soft label ``y`` (one
+    pixel, one class, no smoothing)."""
+    x = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:-1]
     yt = torch.full_like(x, y)
     stats = {"sx": x, "sy": yt, "diff": (x - yt).abs(), "inner": x * yt, "sx2": x * x, "sy2": yt * yt}
     curves = {"CE": -(yt * x.log() + (1 - yt) * (1 - x).log())}

@@ -62,7 +62,7 @@ class Entry:
     def diff(self) -> float | None:
         if self.ours is None or self.paper is None:
             return None
-        return round(self.ours.mean - self.paper[0], 2) + 0.0  # + 0.0: no "-0.00"
+        return self.ours.mean - self.paper[0]
 
 
 def table_entries(table: Table, log_dir: Path, extra: Sequence[str] = ()) -> list[tuple[list[str], str, list[Entry]]]:
@@ -79,7 +79,7 @@ def table_entries(table: Table, log_dir: Path, extra: Sequence[str] = ()) -> lis
                 folds = cell_values(block.cells[0], metric, log_dir, extra)
             per_block.append(folds)
             entries = [Entry(Stat.of([v], 1), cell.paper[metric]) for v, cell in zip(folds, block.cells)]
-            entries[-1] = Entry(Stat.of(folds, len(FOLDS)), block.cells[-1].paper[metric])
+            entries.append(Entry(Stat.of(folds, len(FOLDS)), block.cells[len(folds)].paper[metric]))
             rows.append((block.label, metric, entries))
         return rows
     for block in table.blocks:
@@ -113,6 +113,7 @@ def format_entry(entry: Entry, latex: bool = False) -> str:
         parts.append("--" if latex else "—")
     if entry.paper is not None:
         paper, d = _num(entry.paper[0], entry.paper[1], pm), entry.diff
+        d = None if d is None else round(d, 2) + 0.0  # + 0.0: "+0.00", never "-0.00"
         if latex:
             parts.append(rf"{{\scriptsize (${paper}$" + (rf", $\Delta {d:+.2f}$" if d is not None else "") + ")}")
         else:
