@@ -304,3 +304,22 @@ def test_every_experiment_preset_trains_on_the_synthetic_set(tmp_path):
         run_inprocess(run, tmp_path, swap)
         metrics = json.loads((run.run_dir(tmp_path, swap) / "metrics.json").read_text())
         assert 0 <= metrics["miou"] <= 100, experiment
+
+
+@pytest.mark.slow
+def test_hydra_launcher_sweeps_write_the_same_run_directories(tmp_path):
+    """LAUNCHER=<hydra launcher> (here `basic`): the multirun sweeps land where the grid looks for them."""
+    spec = tmp_path / "tables.yaml"
+    spec.write_text('"T":\n  caption: tiny\n  header: [Model]\n  columns: [CE, JML-KD]\n  metrics: {miou: mIoU}\n'
+                    "  repeat: seeds\n  blocks:\n    - label: Tiny\n"
+                    "      experiments: [syn_tiny_ce, syn_tiny_jml_kd]\n")
+    tiny = ["trainer.max_iters=2", "dataset.train.length=16", "dataset.val.length=4", "trainer.batch_size=2"]
+    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--results", str(spec), "--launcher", "basic",
+                           "--log-dir", str(tmp_path / "runs"), "--", *tiny], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    grid = build_grid(list(load_tables(spec).values()))
+    assert len(grid.runs) == 7
+    for run in grid.runs:
+        assert run.done(tmp_path / "runs", tiny), run
+    assert proc.stdout.count("python train.py -m hydra/launcher=basic") == 2  # one sweep per stage
