@@ -41,7 +41,7 @@ def test_recipes_compose_on_top_of_the_defaults(recipe, tmp_path):
 
 
 def test_slurm_launcher_option_composes(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_slurm",
+    proc = subprocess.run([sys.executable, "train.py", "hydra/launcher=submitit_slurm",
                            "experiment=voc_dl3r18_jml_bls", "--cfg", "hydra", "--package", "hydra.launcher"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

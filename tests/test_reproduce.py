@@ -151,9 +151,10 @@ def test_grid_trains_teachers_first_once_each():
     ["experiment=dg_unetr18_jml_kd", "dataset.fold=3", "trainer.precision=bf16", "teacher.checkpoint='a/b=c.pt'"],
     ["experiment=voc_dl3r18_jml_bls", "seed=0", "loss.bls.kernel_size=inf", "loss.bls.eps=0.1",
      "trainer.num_workers=8", "paths.log_dir=/x"],
+    ["experiment=cs_dl3r18_ce", "seed=1", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
 ])
 def test_run_directories_follow_hydras_rule(overrides):
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = [o for o in OverridesParser.create().parse_overrides(overrides) if not o.is_hydra_override()]
     expected = get_overrides_dirname(parsed, exclude_keys=sorted(EXCLUDE_KEYS), item_sep=",", kv_sep="=")
     assert override_dirname(overrides) == expected
 

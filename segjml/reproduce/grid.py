@@ -92,11 +92,12 @@ EXCLUDE_KEYS = _exclude_keys()
 
 
 def override_dirname(overrides: Iterable[str]) -> str:
-    """Hydra's ``job.override_dirname``: overrides as typed, excluded keys dropped, sorted, joined by ``,``."""
+    """Hydra's ``job.override_dirname``: the task overrides as typed (``hydra.*`` / ``hydra/*`` ones are Hydra's
+    own), excluded keys dropped, sorted, joined by ``,``."""
     lines = []
     for line in overrides:
         key = line.split("=", 1)[0].lstrip("+~")
-        if key not in EXCLUDE_KEYS:
+        if key not in EXCLUDE_KEYS and not key.startswith(("hydra.", "hydra/")):
             lines.append(line)
     return ",".join(sorted(lines))
 
