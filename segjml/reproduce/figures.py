@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from segjml.losses._functional import jaccard_from_statistics  # noqa: E402
 from segjml.reproduce.grid import Table, cell_runs, repeat_overrides, sweep_point_runs, with_teacher  # noqa: E402
-from segjml.reproduce.tables import Stat, read_metrics  # noqa: E402
+from segjml.reproduce.tables import Stat, run_values  # noqa: E402
 
 
 def figure1_curves(y: float, steps: int = 1000) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -53,11 +53,7 @@ def figure1(path: Path) -> Path:
 
 
 def _stats(runs, metric: str, log_dir: Path, extra: Sequence[str]) -> Stat | None:
-    values = []
-    for run in runs:
-        m = read_metrics(run.run_dir(log_dir, extra))
-        values.append(None if m is None else m.get(metric))
-    return Stat.of(values, len(values))
+    return Stat.of(run_values(runs, metric, log_dir, extra), len(runs))
 
 
 def sweep_figure(table: Table, log_dir: Path, path: Path, extra: Sequence[str] = ()) -> Path | None:

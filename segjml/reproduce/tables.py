@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segjml.reproduce.grid import FOLDS, Cell, Table, cell_runs
+from segjml.reproduce.grid import FOLDS, Cell, Run, Table, cell_runs
 
 
 @dataclass
@@ -42,13 +42,17 @@ def read_metrics(run_dir: Path) -> dict | None:
         return None
 
 
-def cell_values(cell: Cell, metric: str, log_dir: Path, extra: Sequence[str] = ()) -> list[float | None]:
-    """The metric of each of the cell's runs (``None`` where a run has not finished)."""
+def run_values(runs: Sequence[Run], metric: str, log_dir: Path, extra: Sequence[str] = ()) -> list[float | None]:
+    """The metric of each run (``None`` where a run has not finished)."""
     values = []
-    for run in cell_runs(cell.experiment, cell.repeat):
+    for run in runs:
         metrics = read_metrics(run.run_dir(log_dir, extra))
         values.append(None if metrics is None or metric not in metrics else float(metrics[metric]))
     return values
+
+
+def cell_values(cell: Cell, metric: str, log_dir: Path, extra: Sequence[str] = ()) -> list[float | None]:
+    return run_values(cell_runs(cell.experiment, cell.repeat), metric, log_dir, extra)
 
 
 @dataclass
