@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from segjml.labels import boundary_label_smoothing, label_smoothing
+from segjml.labels import boundary_label_smoothing, distillation_targets, label_smoothing
 from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss, SegmentationCriterion
 from segjml.losses import _functional as Fn
 
@@ -351,3 +351,108 @@ def test_loss_mix_with_bls_and_teacher():
     assert float(terms["total"]) == pytest.approx(float(expected))
     with pytest.raises(ValueError, match="teacher"):
         mix(out, labels)
+
+
+# --- one-line errors for bad loss configs
+def _assert_one_line(err, *fragments):
+    message = str(err.value)
+    assert message and "\n" not in message and message.strip() == message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"ce_weight": -1}, ["loss.ce_weight=-1 is negative", ">= 0"]),
+        ({"ce_weight": 0.25, "jml_weight": -1}, ["loss.jml_weight=-1 is negative", ">= 0"]),
+        ({"main_weight": -0.5}, ["loss.main_weight=-0.5 is negative"]),
+        ({"aux_weight": -2.0}, ["loss.aux_weight=-2.0 is negative"]),
+        ({"ce_weight": float("nan")}, ["loss.ce_weight=nan", "not a number"]),
+        ({"jml_weight": "abc"}, ["loss.jml_weight='abc'", "not a number"]),
+        ({"ce_weight": 0, "jml_weight": 0}, ["loss.ce_weight and loss.jml_weight are both 0", "nothing would be"]),
+        ({"ce_weight": 0.0, "jml_weight": 0.0, "bls": {"eps": 0.5}}, ["are both 0"]),
+        ({"bls": {"kernel_size": 3, "eps": 1.5}}, ["loss.bls.eps=1.5 is outside [0, 1]"]),
+        ({"bls": {"kernel_size": 3, "eps": -0.1}}, ["loss.bls.eps=-0.1 is outside [0, 1]"]),
+        ({"bls": {"kernel_size": 3, "eps": float("nan")}}, ["loss.bls.eps=nan"]),
+        ({"bls": {"kernel_size": 3, "eps": "big"}}, ["loss.bls.eps='big'", "[0, 1]"]),
+        ({"bls": {"kernel_size": 4, "eps": 0.5}}, ["loss.bls.kernel_size=4 must be an odd positive integer or inf"]),
+        ({"bls": {"kernel_size": 0, "eps": 0.5}}, ["loss.bls.kernel_size=0 must be"]),
+        ({"bls": {"kernel_size": -3, "eps": 0.5}}, ["loss.bls.kernel_size=-3 must be"]),
+        ({"bls": {"kernel_size": 2.5, "eps": 0.5}}, ["loss.bls.kernel_size=2.5 must be"]),
+        ({"bls": {"kernel_size": "-inf", "eps": 0.5}}, ["loss.bls.kernel_size=-inf must be"]),
+        ({"bls": {"kernel_size": "wide", "eps": 0.5}}, ["loss.bls.kernel_size=wide must be"]),
+        ({"bls": {"kernel_sise": 3}}, ["unknown key loss.bls.kernel_sise", "kernel_size"]),
+        ({"kd": {"temperature": 0}}, ["loss.kd.temperature=0", "> 0"]),
+        ({"kd": {"temperature": -1.0}}, ["loss.kd.temperature=-1.0", "> 0"]),
+        ({"kd": {"ce_label": -1}}, ["loss.kd.ce_label=-1 is negative"]),
+        ({"kd": {"ce_teacher": -0.5}}, ["loss.kd.ce_teacher=-0.5 is negative"]),
+        ({"kd": {"jml_label": -1}}, ["loss.kd.jml_label=-1 is negative"]),
+        ({"kd": {"jml_teacher": -0.25}}, ["loss.kd.jml_teacher=-0.25 is negative"]),
+        ({"kd": {"temprature": 2.0}}, ["unknown key loss.kd.temprature", "temperature"]),
+    ],
+)
+def test_bad_criterion_configs_raise_one_line_errors(kwargs, fragments):
+    with pytest.raises(ValueError) as err:
+        SegmentationCriterion(4, **{"ce_weight": 0.25, "jml_weight": 0.75, **kwargs})
+    _assert_one_line(err, *fragments)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ce_weight": 1.0, "jml_weight": 0.0},  # CE baseline
+        {"ce_weight": 0.0, "jml_weight": 1.0},  # JML only
+        {"ce_weight": 0.25, "jml_weight": 0.75, "aux_weight": 0.0},
+        {"ce_weight": 1, "jml_weight": 0, "bls": {"kernel_size": 3, "eps": 0.5, "strict_ignore": True}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "bls": {"kernel_size": "inf", "eps": 0.1}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "bls": {"kernel_size": math.inf, "eps": 0.0}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "bls": {"kernel_size": 5.0, "eps": 1.0}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "kd": {}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "kd": {"temperature": 4.0, "jml_label": 1.0, "jml_teacher": 0.0}},
+        {"ce_weight": 1.0, "jml_weight": 0.0, "iou_loss": "lovasz"},
+    ],
+)
+def test_valid_criterion_configs_construct_and_run(kwargs):
+    g = torch.Generator().manual_seed(11)
+    mix = SegmentationCriterion(4, **kwargs)
+    out = {"out": torch.randn(2, 4, 8, 8, generator=g), "aux": torch.randn(2, 4, 8, 8, generator=g)}
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    teacher = torch.randn(2, 4, 4, 4, generator=g) if mix.needs_teacher else None
+    total = mix(out, labels, teacher)["total"]
+    assert torch.isfinite(total) and float(total) > 0
+
+
+def test_kernel_size_given_as_text_is_parsed():
+    assert SegmentationCriterion(4, bls={"kernel_size": "5", "eps": 0.5}).bls["kernel_size"] == 5
+    assert SegmentationCriterion(4, bls={"kernel_size": "Infinity", "eps": 0.5}).bls["kernel_size"] == math.inf
+
+
+@pytest.mark.parametrize(
+    ("call", "fragments"),
+    [
+        (lambda y: boundary_label_smoothing(y, 3, eps=1.5), ["eps=1.5 is outside [0, 1]"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=-0.5), ["eps=-0.5 is outside [0, 1]"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=float("nan")), ["eps=nan"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=0.5, kernel_size=4), ["kernel_size=4 must be an odd positive"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=0.5, kernel_size=0), ["kernel_size=0 must be"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=0.5, kernel_size=3.5), ["kernel_size=3.5 must be"]),
+        (lambda y: boundary_label_smoothing(y, 3, eps=0.5, kernel_size=-math.inf), ["kernel_size=-inf must be"]),
+        (lambda y: label_smoothing(y, 3, eps=2.0), ["eps=2.0 is outside [0, 1]"]),
+        (lambda y: distillation_targets(torch.zeros(1, 3, 2, 2), None, temperature=0.0), ["temperature=0.0", "> 0"]),
+        (lambda y: distillation_targets(torch.zeros(1, 3, 2, 2), None, temperature=-2), ["temperature=-2", "> 0"]),
+    ],
+)
+def test_soft_label_makers_validate_their_arguments(call, fragments):
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError) as err:
+        call(labels)
+    message = _assert_one_line(err, *fragments)
+    assert "loss." not in message  # the functions do not assume a config
+
+
+def test_criterion_names_the_config_key_before_the_label_maker_runs():
+    with pytest.raises(ValueError) as err:
+        SegmentationCriterion(4, bls={"kernel_size": 3, "eps": 1.5})
+    assert str(err.value).startswith("loss.bls.eps=1.5")

@@ -89,3 +89,106 @@ def test_pretrained_path_loads_the_weights(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     model = build_model("deeplabv3", "resnet18d", 5, 32, 16, pretrained=True, pretrained_path=str(tmp_path / "r18.pth"))
     assert torch.equal(model.encoder.body.conv1[0].weight, reference.conv1[0].weight)
+
+
+# --- one-line errors for bad model input
+def _one_line_value_error(excinfo, *fragments):
+    message = str(excinfo.value)
+    assert excinfo.type is ValueError or issubclass(excinfo.type, ValueError)
+    assert "\n" not in message and message.strip() == message and message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize(
+    ("name", "close"),
+    [("resnet_nope", "resnet"), ("resnt18d", "resnet18d"), ("convnxt_tiny", "convnext_tiny"), ("mit_b9", "mit_b5"),
+     ("mit_b0x", "mit_b0"), ("mobilenetv2_10", "mobilenetv2_100")],
+)
+def test_unknown_encoder_lists_close_names(name, close):
+    from segjml.models import build_encoder
+
+    with pytest.raises(ValueError) as excinfo:
+        build_encoder(name)
+    message = _one_line_value_error(excinfo, f"unknown model.encoder '{name}'", "timm.list_models()", "mit_b0..mit_b5")
+    suggested = message.split("names: ", 1)[1].split(";", 1)[0].split(", ")
+    assert 1 <= len(suggested) <= 5
+    assert any(close in s for s in suggested)
+    import timm
+
+    known = set(timm.list_models()) | {f"mit_b{i}" for i in range(6)}
+    assert set(suggested) <= known  # only real names are suggested
+
+
+@pytest.mark.parametrize("name", ["zzzz_qq", "", None, 18])
+def test_encoder_names_without_a_close_match_still_fail_in_one_line(name):
+    from segjml.models import build_encoder
+
+    with pytest.raises(ValueError) as excinfo:
+        build_encoder(name)
+    _one_line_value_error(excinfo, "model.encoder", "mit_b0..mit_b5", str(name) if name else "")
+
+
+def test_unknown_pretrained_tag_lists_the_known_tags():
+    from segjml.models import build_encoder
+
+    with pytest.raises(ValueError) as excinfo:
+        build_encoder("resnet18d.nope")
+    _one_line_value_error(excinfo, "'nope'", "resnet18d.nope", "ra2_in1k")
+
+
+def test_known_pretrained_tag_is_accepted():
+    from segjml.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("resnet10t.c3_in1k", output_stride=32).eval()
+    with torch.no_grad():
+        features = enc(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == enc.out_channels
+
+
+def test_encoder_without_dilation_names_the_stride():
+    from segjml.models import build_encoder
+
+    with pytest.raises(ValueError) as excinfo:
+        build_encoder("vit_tiny_patch16_224", output_stride=8)
+    _one_line_value_error(excinfo, "'vit_tiny_patch16_224'", "model.output_stride=8")
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+@pytest.mark.parametrize("error", [RuntimeError, AssertionError, AttributeError, NotImplementedError])
+def test_encoder_without_features_only_is_a_one_line_error(monkeypatch, tmp_path, pretrained, error):
+    import timm
+
+    from segjml.models import build_encoder
+
+    def refuse(name, *args, **kwargs):
+        raise error(f"features_only not implemented for {name}\nsecond line of a long timm message")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError) as excinfo:  # not PretrainedWeightsError: the architecture is the problem
+        build_encoder("resnet18d", pretrained=pretrained)
+    assert not isinstance(excinfo.value, PretrainedWeightsError)
+    _one_line_value_error(excinfo, "'resnet18d'", "features_only")
+
+
+@pytest.mark.parametrize("arch", ["segnet", "DeepLabV3", "", None])
+def test_unknown_arch_is_refused_before_the_encoder_is_built(arch, monkeypatch):
+    import segjml.models.segmentation_model as sm
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder was built before the architecture was checked")
+
+    monkeypatch.setattr(sm, "build_encoder", no_encoder)
+    with pytest.raises(ValueError) as excinfo:
+        sm.build_model(arch, "resnet101", 5, 32, 16)
+    _one_line_value_error(excinfo, f"model.arch '{arch}'", "deeplabv3plus", "segformer")
+
+
+def test_unknown_encoder_under_a_known_arch():
+    with pytest.raises(ValueError) as excinfo:
+        build_model("deeplabv3", "resnet_nope", 5, 32, 16)
+    _one_line_value_error(excinfo, "unknown model.encoder 'resnet_nope'", "resnet")

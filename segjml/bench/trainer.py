@@ -19,17 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
-import segjml.config  # noqa: F401
+from segjml.config import compose
 from segjml.data import build_dataset, build_loader
 from segjml.engine import train
 from segjml.engine.optim import build_optimizer
 from segjml.engine.trainer import batches, seed_everything
 from segjml.utils import build
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def bare_loop(cfg, iters: int, warmup: int) -> float:
@@ -67,10 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides = ["logger=none", f"trainer.max_iters={total}", f"trainer.log_interval={args.warmup}",
                      f"trainer.eval_interval={10 * total}", f"trainer.ckpt_interval={10 * total}",
                      "trainer.progress=true", "trainer.limit_val_samples=2", *args.overrides]
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = tmp
+        cfg = compose(overrides, output_dir=tmp)
         bare_before = bare_loop(cfg, args.iters, args.warmup)
         train(cfg)
         bare_after = bare_loop(cfg, args.iters, args.warmup)  # before and after: order effects average out

@@ -8,7 +8,6 @@ one line and the exit code is 1 if there is any.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -27,15 +26,11 @@ def scan(dataset) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-
-    import segjml.config  # noqa: F401
+    from segjml.config import compose
     from segjml.data.errors import DataError
     from segjml.data.loader import build_dataset
 
-    config_dir = Path(__file__).resolve().parents[2] / "configs"
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose("train", overrides=argv)
+    cfg = compose(argv)
     problems, total = [], 0
     for split in ("train", "val"):
         try:

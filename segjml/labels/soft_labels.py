@@ -10,11 +10,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
 
 from segjml.labels.boundary import boundary_map, near_ignore_map
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_smoothing_eps(eps: object, name: str = "eps") -> None:
+    """Raise a one-line ValueError unless ``eps`` is a number in ``[0, 1]``; ``name`` is how the caller calls it."""
+    if not _is_number(eps):
+        raise ValueError(f"{name}={eps!r} is not a number in [0, 1]")
+    if not 0.0 <= eps <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name}={eps} is outside [0, 1]")
+
+
+def check_kernel_size(kernel_size: object, name: str = "kernel_size") -> None:
+    """Raise a one-line ValueError unless ``kernel_size`` is an odd positive integer or ``math.inf``."""
+    ok = _is_number(kernel_size) and (
+        kernel_size == math.inf
+        or (math.isfinite(kernel_size) and float(kernel_size).is_integer() and kernel_size >= 1
+            and int(kernel_size) % 2 == 1)
+    )
+    if not ok:
+        raise ValueError(f"{name}={kernel_size} must be an odd positive integer or inf")
+
+
+def check_temperature(temperature: object, name: str = "temperature") -> None:
+    """Raise a one-line ValueError unless ``temperature`` is a number > 0."""
+    if not _is_number(temperature) or not temperature > 0:  # also refuses NaN
+        raise ValueError(f"{name}={temperature} must be a number > 0")
 
 
 @dataclass
@@ -64,8 +94,8 @@ def boundary_label_smoothing(
         ignore_index: ignored value.
         strict_ignore: the authors' released rule: pixels whose window touches an ignored pixel become ignored.
     """
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label smoothing eps must lie in [0, 1], got {eps}")
+    check_smoothing_eps(eps)
+    check_kernel_size(kernel_size)
     keep = labels != ignore_index
     if math.isinf(kernel_size):
         mask = keep
@@ -92,8 +122,9 @@ def distillation_targets(
     Args:
         teacher_logits: ``(B, C, h, w)`` logits.
         size: label size ``(H, W)``; ``None`` keeps the logits' size.
-        temperature: softmax temperature (1.0 in the paper).
+        temperature: softmax temperature (1.0 in the paper), > 0.
     """
+    check_temperature(temperature)
     if size is not None and tuple(teacher_logits.shape[-2:]) != tuple(size):
         teacher_logits = F.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False)
     return torch.softmax(teacher_logits.float() / temperature, dim=1)

@@ -10,15 +10,55 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
-from segjml.labels.soft_labels import boundary_label_smoothing, distillation_targets
+from segjml.labels.soft_labels import (
+    boundary_label_smoothing,
+    check_kernel_size,
+    check_smoothing_eps,
+    check_temperature,
+    distillation_targets,
+)
 from segjml.losses.cross_entropy import CrossEntropyLoss
 from segjml.losses.jaccard import JaccardMetricLoss
 from segjml.losses.lovasz import LovaszSoftmaxLoss
+
+BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
+KD_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5,
+                               "jml_teacher": 0.5, "active_classes": "LABEL"}
+
+
+def _check_weight(key: str, value: Any) -> None:
+    """The loss weight ``key`` (its config key) must be a real number >= 0; one-line ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+        raise ValueError(f"{key}={value!r} is not a number; loss weights must be >= 0")
+    if value < 0:
+        raise ValueError(f"{key}={value} is negative; loss weights must be >= 0")
+
+
+def _check_keys(node: str, given: Mapping[str, Any], known: tuple[str, ...] | Mapping[str, Any]) -> None:
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        raise ValueError(f"unknown key {node}.{unknown[0]}; {node} takes {', '.join(known)}")
+
+
+def _parse_kernel_size(value: Any) -> int | float:
+    """``loss.bls.kernel_size``: an odd positive integer, or ``inf`` (also as the text ``inf`` / ``infinity``)."""
+    number = value
+    if isinstance(value, str):  # a command-line override may arrive as text
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    try:
+        check_kernel_size(number)
+    except ValueError:
+        raise ValueError(f"loss.bls.kernel_size={value} must be an odd positive integer or inf") from None
+    return number if math.isinf(number) else int(number)
 
 
 class SegmentationCriterion(nn.Module):
@@ -52,15 +92,28 @@ class SegmentationCriterion(nn.Module):
         kd: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # every user-facing value is checked here, before any loss is built, and named by its config key
+        for key, value in (("ce_weight", ce_weight), ("jml_weight", jml_weight), ("main_weight", main_weight),
+                           ("aux_weight", aux_weight)):
+            _check_weight(f"loss.{key}", value)
+        if ce_weight == 0 and jml_weight == 0:
+            raise ValueError("loss.ce_weight and loss.jml_weight are both 0: nothing would be trained; set "
+                             "loss.ce_weight > 0 (cross-entropy) and/or loss.jml_weight > 0 (Jaccard metric loss)")
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.ce_weight, self.jml_weight = ce_weight, jml_weight
         self.main_weight, self.aux_weight = main_weight, aux_weight
         self.bls = dict(bls) if bls else None
         if self.bls is not None:
-            k = self.bls.get("kernel_size", 3)
-            self.bls["kernel_size"] = math.inf if str(k).lower() in ("inf", "infinity") else int(k)
-        self.kd = {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5, "jml_teacher": 0.5,
-                   "active_classes": "LABEL", **dict(kd)} if kd is not None else None
+            _check_keys("loss.bls", self.bls, BLS_KEYS)
+            self.bls["kernel_size"] = _parse_kernel_size(self.bls.get("kernel_size", 3))
+            check_smoothing_eps(self.bls.get("eps", 0.5), "loss.bls.eps")
+        self.kd = None
+        if kd is not None:
+            _check_keys("loss.kd", kd, KD_DEFAULTS)
+            self.kd = {**KD_DEFAULTS, **dict(kd)}
+            check_temperature(self.kd["temperature"], "loss.kd.temperature")
+            for key in ("ce_label", "ce_teacher", "jml_label", "jml_teacher"):
+                _check_weight(f"loss.kd.{key}", self.kd[key])
         self.ce = CrossEntropyLoss(ignore_index)
         jml_args = {"ignore_index": ignore_index, **dict(jml or {})}
         if iou_loss == "jml":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from segjml.config import CONFIG_DIR
 from segjml.models import build_model
 
 TABLE9 = {
@@ -16,7 +17,6 @@ TABLE9 = {
     "unet_r50": 76.07, "unet_r18": 14.49, "unet_mb2": 4.06, "segformer_b5": 83.77, "segformer_b3": 46.40,
     "segformer_b1": 15.48, "segformer_b0": 5.01,
 }
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
 def preset_kwargs(path: Path, num_classes: int) -> dict:
@@ -43,7 +43,7 @@ def main() -> None:
     header = f"{'preset':<14} {'arch':<14} {'encoder':<16} {'params (M)':>10} {'Table 9':>8} {'diff %':>7}"
     print(header + (f" {'GFLOPs':>8}" if args.flops else ""))
     print("-" * (len(header) + (9 if args.flops else 0)))
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
         kwargs = preset_kwargs(path, args.classes)
         model = build_model(**kwargs)
         params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -65,7 +65,12 @@ def build_model(
         output_stride: 8, 16 or 32 (dilated timm backbones).
         pretrained: ImageNet weights for the encoder, from the offline cache or ``pretrained_path``.
         pretrained_path: explicit encoder weights file.
+
+    Raises:
+        ValueError: an unknown ``arch`` (checked before the encoder is built) or encoder name, one line each.
     """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
     enc = build_encoder(encoder, output_stride=output_stride, pretrained=pretrained, pretrained_path=pretrained_path)
     in_ch, red = enc.out_channels, enc.reductions
     if arch == "deeplabv3":
@@ -76,8 +81,6 @@ def build_model(
         dec = PSPDecoder(in_ch, channels)
     elif arch == "unet":
         dec = UNetDecoder(in_ch, red, channels)
-    elif arch == "segformer":
+    else:  # segformer
         dec = SegFormerDecoder(in_ch, channels)
-    else:
-        raise ValueError(f"unknown model.arch '{arch}'; choose one of {', '.join(ARCHITECTURES)}")
     return SegmentationModel(enc, dec, num_classes, aux_channels)

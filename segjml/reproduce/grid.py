@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from segjml.config import CONFIG_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs"
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
 SMOKE_RESULTS = Path(__file__).with_name("smoke_results.yaml")
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from segjml.reproduce.grid import CONFIG_DIR, ROOT, Grid, Run, quote
+from segjml.reproduce.grid import ROOT, Grid, Run, quote
 
 log = logging.getLogger(__name__)
 TRAIN = ROOT / "train.py"
@@ -104,18 +104,12 @@ def show(command: Sequence[str]) -> str:
 
 def run_inprocess(run: Run, log_dir: Path, extra: Sequence[str]) -> None:
     """Compose the run's config exactly as ``train.py`` would and train it in this process."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    import segjml.config  # noqa: F401  (registers the typed config schemas)
+    from segjml.config import compose
     from segjml.engine import train
 
     overrides = [*run.train_overrides(log_dir, extra), *_log_dir_override(log_dir)]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
     run_dir = run.run_dir(log_dir, extra)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
+    cfg = compose(overrides, output_dir=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = train(cfg)
     if "stopped_at" in result:  # SIGTERM / SIGUSR1: the run saved last.pt; stop the whole grid, as a process would
