@@ -17,9 +17,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from PIL import Image
 from tqdm import tqdm
+
+try:
+    import scipy.io
+except ImportError:  # an optional dependency: only this script reads .mat files
+    print("error: this script reads SBD's .mat files with SciPy: pip install 'segjml[prepare]'", file=sys.stderr)
+    sys.exit(2)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import check_count, write_png  # noqa: E402

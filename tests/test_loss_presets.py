@@ -45,7 +45,7 @@ def test_teacher_is_frozen_and_checked(teacher_checkpoint, tmp_path):
     other = compose_config(["debug=fast", "model=custom", "model.encoder=resnet10t"], tmp_path)
     with open_dict(cfg):
         cfg.teacher.model = other.model
-    with pytest.raises(TeacherError, match="does not fit the teacher model"):
+    with pytest.raises(TeacherError, match="does not fit the model: tensor '"):
         build_teacher(cfg.teacher, cfg.dataset.num_classes, torch.device("cpu"))
 
 

@@ -301,6 +301,29 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], sour
         raise CheckpointError(f"{source} does not fit the model: {detail[:200]}; {advice}") from err
 
 
+
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 model_cfg: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a segjml checkpoint, built from the model config stored in it (or ``model_cfg``), every weight
+    loaded strictly, in eval mode on ``device``; and the checkpoint itself (its ``config`` is the run's config).
+
+    Raises:
+        CheckpointError: unreadable file, no model config, or weights that do not fit the model (first tensor named).
+    """
+    from omegaconf import OmegaConf
+
+    from segjml.utils import build
+
+    state = load_checkpoint(path, map_location=device)
+    node = model_cfg if model_cfg is not None else (state.get("config") or {}).get("model")
+    if node is None:
+        raise CheckpointError(f"checkpoint {path} holds no model config; give the model's config (teacher.model=...)")
+    node = OmegaConf.create(_plain(node))
+    node.pretrained = False  # every weight comes from the checkpoint
+    model = build(node)
+    load_model_state(model, state["model"], f"checkpoint {path}")
+    return model.to(device).eval(), state
+
 # --------------------------------------------------------------------------------------------------- RNG states
 
 def capture_rng_state() -> dict[str, Any]:

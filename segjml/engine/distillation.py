@@ -14,8 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segjml.engine.checkpoint import CheckpointError, load_checkpoint
-from segjml.utils import build
+from segjml.engine.checkpoint import CheckpointError, load_trained
 
 
 class TeacherError(RuntimeError):
@@ -36,33 +35,18 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
     Returns the frozen teacher and the SHA-256 of its checkpoint (stored in the student's checkpoints).
 
     Raises:
-        TeacherError: missing checkpoint, class-count or architecture mismatch.
+        TeacherError: missing or unreadable checkpoint, weights that do not fit, class-count mismatch.
     """
     if not cfg.get("checkpoint"):
         raise TeacherError("this loss distils from a teacher: set teacher.checkpoint=<a segjml checkpoint .pt>")
     path = Path(cfg.checkpoint)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     try:
-        state = load_checkpoint(path)
+        teacher, _ = load_trained(path, device, model_cfg)
     except CheckpointError as err:
         raise TeacherError(f"teacher {err}") from err
-    model_cfg = cfg.get("model") or (state.get("config") or {}).get("model")
-    if model_cfg is None:
-        raise TeacherError(f"teacher checkpoint {path} holds no model config; set teacher.model")
-    if isinstance(model_cfg, DictConfig):  # an explicit node: resolve it against the full config first
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    model_cfg = OmegaConf.create(model_cfg)
-    model_cfg.pretrained = False  # the checkpoint holds every weight
-    if model_cfg.get("num_classes") != num_classes:
-        raise TeacherError(f"teacher {path} predicts {model_cfg.get('num_classes')} classes but the data set has "
-                           f"{num_classes}")
-    teacher = build(model_cfg)
-    try:
-        teacher.load_state_dict(state["model"], strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise TeacherError(f"teacher checkpoint {path} does not fit the teacher model "
-                           f"({model_cfg.get('arch')}/{model_cfg.get('encoder')}): {first}") from err
-    teacher.to(device).eval()
+    if teacher.num_classes != num_classes:
+        raise TeacherError(f"teacher {path} predicts {teacher.num_classes} classes but the data set has {num_classes}")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, file_sha256(path)

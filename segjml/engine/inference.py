@@ -1,4 +1,4 @@
-"""Load a trained model from a segjml checkpoint, for evaluation and prediction."""
+"""``eval.py`` and ``predict.py``: a trained segjml checkpoint on a validation split or on image files."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from segjml.engine.checkpoint import load_checkpoint
-from segjml.utils import build
-
-
-def load_trained(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, DictConfig]:
-    """The model of checkpoint ``path`` (strictly loaded, eval mode) and the run's resolved config."""
-    state = load_checkpoint(path, map_location=device)
-    cfg = OmegaConf.create(state.get("config") or {})
-    if "model" not in cfg:
-        raise ValueError(f"checkpoint {path} holds no model config")
-    model_cfg = cfg.model.copy()
-    model_cfg.pretrained = False  # every weight comes from the checkpoint
-    model = build(model_cfg)
-    model.load_state_dict(state["model"], strict=True)
-    return model.to(device).eval(), cfg
+from segjml.engine.checkpoint import load_trained
 
 
 def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
@@ -48,7 +34,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from segjml.metrics import SegmentationMetrics
 
     device = resolve_device(cfg.device)
-    model, run_cfg = load_trained(cfg.ckpt, device)
+    model, state = load_trained(cfg.ckpt, device)
+    run_cfg = OmegaConf.create(state.get("config") or {})
     data_cfg = cfg.dataset if cfg.get("dataset") else run_cfg.dataset
     if data_cfg.num_classes != model.num_classes:
         raise ValueError(f"the checkpoint predicts {model.num_classes} classes but dataset {data_cfg.name} has "
@@ -74,7 +61,8 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     from segjml.engine.evaluator import predict_probs
 
     device = resolve_device(cfg.device)
-    model, run_cfg = load_trained(cfg.ckpt, device)
+    model, state = load_trained(cfg.ckpt, device)
+    run_cfg = OmegaConf.create(state.get("config") or {})
     source = Path(str(cfg.inputs))
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
         if source.is_dir() else sorted(Path(p) for p in glob.glob(str(cfg.inputs)))

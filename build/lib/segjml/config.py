@@ -1,0 +1,90 @@
+"""Where the configs live, how they are composed, and the typed schemas of the groups the loop reads directly.
+
+The configs ship inside the package (``segjml/configs``; ``configs/`` at the top of a checkout points there), so
+``segjml-train`` finds them from any working directory. The trainer schema is registered in Hydra's ConfigStore
+(``configs/trainer/default.yaml`` extends ``base_trainer``), so a wrong value on the command line
+(``trainer.max_iters=abc``) or a misspelt key is refused by Hydra when the config is composed, before anything is
+built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def run_name(experiment: str | None, dataset: str, model: str, loss: str) -> str:
+    """The run name of a composition: the preset's name when one is used, else ``<dataset>_<model>_<loss>``."""
+    return str(experiment) if experiment else f"{dataset}_{model}_{loss}"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
+            output_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` as the command line would, outside a Hydra app.
+
+    ``${hydra:...}`` values (the run name, the run directory) are resolved here, so the returned config no longer
+    depends on Hydra's global state. ``output_dir`` replaces ``paths.output_dir`` (default: the run directory Hydra
+    would create).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        if "name" in cfg:
+            cfg.name = str(cfg.name)
+        if "paths" in cfg:
+            cfg.paths.output_dir = str(output_dir) if output_dir is not None else str(cfg.hydra.run.dir)
+        del cfg.hydra
+    return cfg
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"
+    flip: bool = False
+    scales: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
+class TrainerConfig:
+    max_iters: int = 40000
+    batch_size: int = 8
+    val_batch_size: int = 1
+    num_workers: int = 4
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = True
+    head_lr_mult: float = 10.0
+    no_decay_1d: bool = True
+    log_interval: int = 50
+    eval_interval: int = 4000
+    ckpt_interval: int = 1000
+    progress: bool = True
+    resume: str | None = None
+    skip_nonfinite: bool = False
+    limit_train_samples: int | None = None
+    limit_val_samples: int | None = None
+    accumulate_steps: int = 1
+    allow_config_change: bool = False
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """The trainer schema in Hydra's ConfigStore and the ``run_name`` resolver the main config names runs with."""
+    ConfigStore.instance().store(group="trainer", name="base_trainer", node=TrainerConfig)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
+
+
+register_configs()

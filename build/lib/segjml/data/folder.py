@@ -1,0 +1,133 @@
+"""Base class of the on-disk data sets: a list of (image, label) files, decoded with OpenCV / Pillow.
+
+Every failure names the file: an unreadable image, a label value that is neither a class nor the ignore value, an
+image and label of different sizes. Subclasses only say where the files are and how a raw label maps to class ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segjml.data.errors import DataError
+
+cv2.setNumThreads(0)  # the DataLoader workers are the parallelism
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB, or :class:`DataError` naming the file."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"cannot read image {path}: missing, corrupt or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: str | Path, mode: str = "index") -> np.ndarray:
+    """A label PNG as stored: ``index`` gives the pixel indices (palette PNGs too), ``rgb`` an ``(H, W, 3)`` array."""
+    try:
+        with Image.open(path) as img:
+            if mode == "rgb":
+                return np.asarray(img.convert("RGB"))
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"label {path} is a {img.mode} image; expected a single-channel or palette PNG")
+            return np.asarray(img)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"cannot read label {path}: {type(err).__name__}: {err}") from err
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """HWC image -> CHW float tensor; label -> int64 tensor."""
+    image_t = torch.from_numpy(np.ascontiguousarray(image))
+    if image_t.ndim == 3:
+        image_t = image_t.permute(2, 0, 1)
+    return image_t.float(), torch.from_numpy(np.ascontiguousarray(label)).long()
+
+
+class SegmentationFolder(Dataset):
+    """Pairs of image and label files.
+
+    Subclasses set ``num_classes``, ``class_names``, ``palette`` and implement :meth:`find_samples` and
+    :meth:`decode_label` (raw label array -> ``uint8`` class ids with ``ignore_index``).
+
+    Args:
+        root: the data set's root directory (as distributed).
+        split: split name.
+        transform: albumentations-style ``transform(image=, mask=)``.
+    """
+
+    num_classes: int
+    class_names: Sequence[str]
+    palette: Sequence[tuple[int, int, int]]
+    ignore_index = 255
+    label_mode = "index"
+    prepare_hint = ""
+
+    def __init__(self, root: str | Path, split: str, transform=None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        if not self.root.is_dir():
+            raise DataError(f"data root {self.root} does not exist{self._hint()}")
+        self.samples = self.find_samples()
+        if not self.samples:
+            raise DataError(f"{type(self).__name__} split '{split}' under {self.root} holds no images{self._hint()}")
+
+    def _hint(self) -> str:
+        return f"; {self.prepare_hint}" if self.prepare_hint else ""
+
+    def find_samples(self) -> list[tuple[Path, Path]]:
+        raise NotImplementedError
+
+    def decode_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    def _require_dir(self, path: Path) -> Path:
+        if not path.is_dir():
+            raise DataError(f"expected directory {path} is missing{self._hint()}")
+        return path
+
+    def _pair(self, images: list[Path], label_of) -> list[tuple[Path, Path]]:
+        pairs = []
+        for image in images:
+            label = label_of(image)
+            if not label.is_file():
+                raise DataError(f"label file {label} for image {image} is missing{self._hint()}")
+            pairs.append((image, label))
+        return pairs
+
+    def read_raw_label(self, path: Path) -> np.ndarray:
+        return read_label(path, self.label_mode)
+
+    def check_values(self, label: np.ndarray, path: Path) -> np.ndarray:
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if bad.any():
+            value = int(label[bad][0])
+            raise DataError(f"label {path} holds value {value}, which is neither a class id (0-{self.num_classes - 1}) "
+                            f"nor the ignore value {self.ignore_index}")
+        return label
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw ``(image, label)`` arrays of one sample, checked."""
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        label = self.check_values(self.decode_label(self.read_raw_label(label_path), label_path), label_path)
+        if image.shape[:2] != label.shape[:2]:
+            raise DataError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} is "
+                            f"{label.shape[1]}x{label.shape[0]}")
+        return image, label
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.load(index)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=label)
+            image, label = out["image"], out["mask"]
+        return to_tensors(image, label)

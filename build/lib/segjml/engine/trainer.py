@@ -1,0 +1,462 @@
+"""The iteration-based training loop, in named steps: build, resume, one training step, periodic work, finish.
+
+``train(cfg)`` builds everything from the composed Hydra config, trains for ``trainer.max_iters`` optimizer steps with
+periodic evaluation and writes, from the main process only, to the run directory: ``metrics.json`` (final metrics),
+``reliability.png``, ``checkpoints/last.pt`` and ``best.pt`` (atomic), ``log.jsonl`` (every logged value) and
+Hydra's ``.hydra/config.yaml``. Under ``torchrun`` it trains with DDP. Rerunning the same command resumes from
+``checkpoints/last.pt`` exactly (weights, optimiser, schedule, AMP scaler, RNG states and data position) if the
+config is the same; SIGTERM / SIGUSR1 / SIGUSR2 save ``last`` at the next iteration boundary and exit cleanly.
+The schedule and the loss are described in ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from segjml.data import build_dataset, build_loader
+from segjml.engine import distributed as D
+from segjml.engine.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    check_resumable_config,
+    config_hash,
+    find_resumable,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_atomic,
+)
+from segjml.engine.distillation import build_teacher, teacher_logits
+from segjml.engine.evaluator import evaluate, write_report
+from segjml.engine.logger import RunLogger
+from segjml.engine.optim import build_optimizer
+from segjml.metrics import SegmentationMetrics
+from segjml.utils import build
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """Learning rate of the backbone groups (``lr_mult == 1``); heads run at ``head_lr_mult`` times it."""
+    return next((g["lr"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) == 1.0),
+                optimizer.param_groups[0]["lr"])
+
+
+class StopSignal:
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 (cluster preemption, time limit) so the loop can save and exit at an
+    iteration boundary. A handler that was installed before (submitit's USR2 handler requeues the SLURM job) is
+    called after the checkpoint is written (:meth:`forward`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {}
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def forward(self) -> None:
+        """Hand the received signal to the handler installed before ours, if that was a Python function."""
+        handler = self.previous.get(self.received)
+        if callable(handler):
+            handler(self.received, None)
+
+
+def batches(loader, start: int):
+    """Batches forever, starting at the data position after ``start`` batches (epoch and offset)."""
+    per_epoch = len(loader.sampler) // loader.batch_size
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        loader.sampler.set_epoch(epoch, offset * loader.batch_size)
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of, built once from the config by :func:`build_run`."""
+
+    cfg: DictConfig
+    dist: D.DistInfo
+    device: torch.device
+    model: nn.Module  # the bare model: saved, evaluated, given to the optimizer
+    train_model: nn.Module  # the same model, wrapped in DDP and/or compiled for the training forward pass
+    criterion: nn.Module
+    teacher: nn.Module | None
+    teacher_hash: str | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    metrics: SegmentationMetrics
+    class_names: list[str]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.cfg.trainer.precision]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+
+@dataclass
+class TrainState:
+    """The progress a checkpoint restores besides the modules: optimizer steps done, best mIoU, skipped steps."""
+
+    iteration: int = 0
+    best_miou: float = -1.0
+    skipped: dict[str, int] = field(default_factory=lambda: {"amp": 0, "nonfinite": 0})
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics."""
+    tcfg = cfg.trainer
+    if tcfg.accumulate_steps < 1:
+        raise ValueError(f"trainer.accumulate_steps={tcfg.accumulate_steps} must be >= 1")
+    dist, device = D.init_distributed(tcfg.device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
+    val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
+    class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
+    pin = device.type == "cuda"
+    train_loader = build_loader(train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed, dist.rank,
+                                dist.world_size, pin)
+    val_loader = build_loader(val_set, tcfg.val_batch_size, False, tcfg.num_workers, cfg.seed, dist.rank,
+                              dist.world_size, pin)
+
+    model = build(cfg.model).to(device)
+    if dist.enabled and tcfg.sync_bn and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.enabled else model
+    if tcfg.compile:
+        train_model = torch.compile(train_model)
+    criterion = build(cfg.loss).to(device)
+    teacher, teacher_hash = None, None
+    if criterion.needs_teacher:
+        teacher, teacher_hash = build_teacher(cfg.teacher, cfg.dataset.num_classes, device)
+        log.info("distilling from teacher %s (sha256 %s)", cfg.teacher.checkpoint, teacher_hash[:12])
+    optimizer = build_optimizer(model, build(cfg.optimizer), tcfg.head_lr_mult, tcfg.no_decay_1d)
+    scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
+    scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
+    metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
+    return Run(cfg, dist, device, model, train_model, criterion, teacher, teacher_hash, optimizer, scheduler, scaler,
+               train_loader, val_loader, metrics, class_names)
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def resume(run: Run) -> TrainState:
+    """Restore an explicit ``trainer.resume``, else this run directory's ``last.pt`` if it is readable.
+
+    The checkpoint's config must equal this one, except the keys that may change between attempts
+    (``RESUME_MUTABLE_KEYS``); ``trainer.allow_config_change=true`` accepts a difference on purpose.
+    """
+    tcfg = run.cfg.trainer
+    path = Path(tcfg.resume) if tcfg.resume else find_resumable(run.run_dir / "checkpoints" / "last.pt")
+    if path is None:
+        return TrainState()
+    state = load_checkpoint(path, map_location=run.device)
+    if not tcfg.allow_config_change:
+        check_resumable_config(state.get("config"), resolved_config(run.cfg), str(path))
+    if run.teacher_hash is not None and state.get("teacher_sha256") not in (None, run.teacher_hash):
+        raise CheckpointError(f"{path} was trained with another teacher than {run.cfg.teacher.checkpoint}")
+    load_model_state(run.model, state["model"], str(path))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
+    log.info("resumed from %s at iteration %d", path, state["iteration"])
+    return TrainState(state["iteration"], state["best_miou"], state["skipped"])
+
+
+def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
+    """``checkpoints/<name>.pt`` with everything :func:`resume` needs (collective: every rank must call it)."""
+    rng = [capture_rng_state()]
+    if run.dist.enabled:  # every rank's generators, gathered on rank 0
+        rng = [None] * run.dist.world_size
+        torch.distributed.all_gather_object(rng, capture_rng_state())
+    if not run.dist.is_main:
+        return
+    config = resolved_config(run.cfg)
+    save_atomic({
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
+        "iteration": state.iteration, "best_miou": state.best_miou, "skipped": state.skipped, "rng": rng,
+        "teacher_sha256": run.teacher_hash, "config": config, "config_sha256": config_hash(config),
+    }, run.run_dir / "checkpoints" / f"{name}.pt")
+
+
+def _student(run: Run, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The student's outputs, cast to float32 for the loss."""
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+        outputs = run.train_model(image)
+    return {k: v.float() for k, v in outputs.items()}
+
+
+def _forward(run: Run, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Student outputs (float32) and the teacher's logits, if distilling."""
+    outputs = _student(run, image)
+    return outputs, teacher_logits(run.teacher, image, run.autocast_dtype) if run.teacher is not None else None
+
+
+def _backward(run: Run, loss: torch.Tensor) -> None:
+    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+
+
+def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> bool:
+    """``True`` if the loss is finite on every rank; otherwise stop (default) or report a skipped step."""
+    if D.all_true(bool(torch.isfinite(terms["total"])), run.dist, run.device):
+        return True
+    names = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+    if not run.cfg.trainer.skip_nonfinite:
+        raise FloatingPointError(f"non-finite loss at iteration {iteration} ({names}); weights and checkpoints are "
+                                 f"those of the last good iteration")
+    log.warning("skipping iteration %d: non-finite loss (%s)", iteration, names)
+    return False
+
+
+def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], iteration: int):
+    """Loss and gradient of the whole batch ``micro`` (several micro-batches) with one micro-batch of activations.
+
+    The loss is computed once on the logits of the whole batch, so every term is exactly that of the full batch:
+    the Jaccard statistics are summed over all micro-batches before the dataset-level mIoU^D loss (the same rule as
+    ``sync_stats`` across processes), and CE is averaged over all pixels. Pass 1 runs the model without gradients
+    to collect the logits; pass 2 reruns each micro-batch (same RNG state, so the same dropout) and back-propagates
+    the loss's gradient with respect to its logits. BatchNorm running statistics are updated by pass 2 only. The
+    cost is one extra forward pass per micro-batch.
+    """
+    model, devices = run.model, [run.device] if run.device.type == "cuda" else []
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    rng, outputs, teacher = [], [], []
+    with torch.no_grad():
+        for image, _ in micro:
+            rng.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]))
+            out, soft = _forward(run, image)
+            outputs.append(out)
+            teacher.append(soft)
+    model.load_state_dict(running, strict=False)
+    after = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+    full = {k: torch.cat([o[k] for o in outputs]).requires_grad_() for k in outputs[0]}
+    target = torch.cat([t for _, t in micro])
+    terms = run.criterion(full, target, torch.cat(teacher) if run.teacher is not None else None)
+    if not _check_finite(run, terms, iteration):
+        return terms, False
+    keys = list(full)
+    grads = torch.autograd.grad(terms["total"], [full[k] for k in keys])
+    start = 0
+    for i, (image, _) in enumerate(micro):
+        cpu_state, cuda_states = rng[i]
+        torch.set_rng_state(cpu_state)
+        for d, s in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(s, d)
+        last = i == len(micro) - 1
+        sync = run.train_model.no_sync() if run.dist.enabled and not last else contextlib.nullcontext()
+        with sync:
+            out = _student(run, image)
+            end = start + image.shape[0]
+            surrogate = sum((out[k] * g[start:end]).sum() for k, g in zip(keys, grads))
+            _backward(run, surrogate)
+        start = end
+    torch.set_rng_state(after[0])
+    for d, s in zip(devices, after[1]):
+        torch.cuda.set_rng_state(s, d)
+    return {k: v.detach() for k, v in terms.items()}, True
+
+
+def train_step(run: Run, state: TrainState, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """One optimizer step on the batch made of the micro-batches ``micro``; returns the loss terms."""
+    iteration = state.iteration + 1
+    if len(micro) == 1:
+        image, target = micro[0]
+        outputs, soft = _forward(run, image)
+        terms = run.criterion(outputs, target, soft)  # losses in fp32
+        run.optimizer.zero_grad(set_to_none=True)
+        ok = _check_finite(run, terms, iteration)
+        if ok:
+            _backward(run, terms["total"])
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        terms, ok = _accumulated_backward(run, micro, iteration)
+    if not ok:
+        state.skipped["nonfinite"] += 1
+        run.optimizer.zero_grad(set_to_none=True)
+    elif run.scaler is not None:
+        scale = run.scaler.get_scale()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        state.skipped["amp"] += int(run.scaler.get_scale() < scale)  # the scale drops when a step was skipped
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    state.iteration = iteration
+    return terms
+
+
+def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
+    """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced)."""
+    tcfg = run.cfg.trainer
+    return evaluate(run.model, run.val_loader, run.metrics, run.device, tcfg.eval.mode, run.cfg.dataset.crop_size,
+                    flip=tcfg.eval.flip, scales=tcfg.eval.scales, autocast_dtype=run.autocast_dtype,
+                    progress=tcfg.progress and run.dist.is_main,
+                    output_dir=output_dir if run.dist.is_main else None, class_names=run.class_names,
+                    title=run.cfg.name)
+
+
+def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> dict:
+    """Evaluate, log ``val/*`` and write ``best.pt`` when the mIoU improves."""
+    result = evaluate_run(run)
+    logger.log(state.iteration, {f"val/{k}": v for k, v in result.items() if k != "iou_per_class"})
+    if result["miou"] > state.best_miou:
+        state.best_miou = result["miou"]
+        save_checkpoint(run, state, "best")
+    return result
+
+
+class Meter:
+    """Data / step / iteration times averaged over the iterations since the last log line."""
+
+    def __init__(self, start: int) -> None:
+        self.last, self.data, self.step = start, 0.0, 0.0
+        self.t_log = self.t = time.perf_counter()
+
+    def lap(self, key: str | None = None) -> None:
+        """Add the time since the previous lap to ``key`` (``None``: periodic work, counted in iter_time only)."""
+        now = time.perf_counter()
+        if key is not None:
+            setattr(self, key, getattr(self, key) + now - self.t)
+        self.t = now
+
+    def read(self, iteration: int) -> dict[str, float]:
+        n, now = max(iteration - self.last, 1), time.perf_counter()
+        values = {"data_time": self.data / n, "step_time": self.step / n, "iter_time": (now - self.t_log) / n}
+        self.last, self.data, self.step, self.t_log = iteration, 0.0, 0.0, now
+        return values
+
+
+def log_step(run: Run, state: TrainState, terms: dict, meter: Meter, logger: RunLogger, bar: tqdm) -> None:
+    values = {k: v.item() for k, v in terms.items()}
+    values.update(lr=base_lr(run.optimizer), **meter.read(state.iteration), amp_skipped=state.skipped["amp"],
+                  nonfinite_skipped=state.skipped["nonfinite"])
+    if run.device.type == "cuda":
+        values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    logger.log(state.iteration, values)
+    postfix = {k: f"{v:.3f}" for k, v in values.items() if k in terms}
+    postfix["lr"] = f"{values['lr']:.2e}"
+    if "mem_gb" in values:
+        postfix["mem"] = f"{values['mem_gb']:.1f}G"
+    bar.set_postfix(postfix)
+
+
+def periodic(run: Run, state: TrainState, terms: dict, meter: Meter, logger: RunLogger, bar: tqdm) -> None:
+    """Logging, evaluation and checkpointing due after the step that made ``state.iteration``."""
+    tcfg, done = run.cfg.trainer, state.iteration
+    if done % tcfg.log_interval == 0 or done == tcfg.max_iters:
+        log_step(run, state, terms, meter, logger, bar)
+    if done % tcfg.eval_interval == 0 and done < tcfg.max_iters:
+        result = evaluate_and_keep_best(run, state, logger)
+        if run.dist.is_main:
+            bar.write(f"iter {done}: val mIoU {result['miou']:.2f}  Acc {result['acc']:.2f}  ECE {result['ece']:.2f}")
+    if done % tcfg.ckpt_interval == 0 and done < tcfg.max_iters:
+        save_checkpoint(run, state, "last")
+
+
+def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger) -> dict:
+    """Optimizer steps from ``state.iteration`` to ``max_iters``, then the final evaluation and checkpoints."""
+    tcfg, accumulate = run.cfg.trainer, run.cfg.trainer.accumulate_steps
+    data = batches(run.train_loader, state.iteration * accumulate)
+    run.model.train()
+    bar = tqdm(total=tcfg.max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
+               disable=not (tcfg.progress and run.dist.is_main))
+    meter = Meter(state.iteration)
+    try:
+        while state.iteration < tcfg.max_iters:
+            if D.any_true(stop.received is not None, run.dist, run.device):
+                save_checkpoint(run, state, "last")
+                log.warning("signal received: saved checkpoints/last.pt at iteration %d; rerun the command to "
+                            "resume", state.iteration)
+                return {"stopped_at": state.iteration}
+            micro = []
+            for _ in range(accumulate):
+                image, target = next(data)
+                image, target = image.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
+                if tcfg.channels_last:
+                    image = image.contiguous(memory_format=torch.channels_last)
+                micro.append((image, target))
+            meter.lap("data")
+            terms = train_step(run, state, micro)
+            meter.lap("step")
+            periodic(run, state, terms, meter, logger, bar)
+            meter.lap()
+            bar.update(1)
+    finally:
+        bar.close()
+    return finish(run, state, logger)
+
+
+def finish(run: Run, state: TrainState, logger: RunLogger) -> dict:
+    """Final evaluation, ``best.pt`` / ``last.pt``, ``metrics.json``, the per-class table on the console."""
+    result = evaluate_and_keep_best(run, state, logger)
+    save_checkpoint(run, state, "last")
+    if run.dist.is_main:
+        log.info("run directory: %s", run.run_dir)
+        write_report(result, run.metrics, run.run_dir, run.class_names, run.cfg.name)  # the table comes last
+    return result
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train and evaluate one run; returns the final metrics (``{"stopped_at": it}`` after a stop signal).
+
+    Signal handlers, the log file, wandb and the process group are released whatever happens, so a caller that
+    trains several runs in one process (``make reproduce-smoke``) starts each from a clean state.
+    """
+    run = build_run(cfg)
+    logger, stop = None, None
+    try:
+        state = resume(run)
+        logger = RunLogger(run.run_dir, cfg, enabled=run.dist.is_main)
+        stop = StopSignal()
+        result = train_loop(run, state, stop, logger)
+    finally:
+        if stop is not None:
+            stop.restore()
+        if logger is not None:
+            logger.close()
+        D.cleanup(run.dist)
+    if "stopped_at" in result:
+        stop.forward()  # e.g. submitit requeues the job, which resumes from last.pt
+    return result

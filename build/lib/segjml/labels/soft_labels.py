@@ -1,0 +1,130 @@
+"""Soft-label makers: boundary label smoothing (BLS, paper section 2.4.1), label smoothing, distillation targets.
+
+Smoothed hard labels are kept in a compact form, :class:`SmoothedLabels`: the integer map plus a per-pixel smoothing
+coefficient ``eps`` (B, H, W). The dense target ``(1 - eps) * onehot + eps / C`` is never materialised unless asked
+for (:meth:`SmoothedLabels.to_dense`); the losses work on the compact form directly, so building a BLS target costs
+O(H * W * k^2) whatever the number of classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from segjml.labels.boundary import boundary_map, near_ignore_map
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_smoothing_eps(eps: object, name: str = "eps") -> None:
+    """Raise a one-line ValueError unless ``eps`` is a number in ``[0, 1]``; ``name`` is how the caller calls it."""
+    if not _is_number(eps):
+        raise ValueError(f"{name}={eps!r} is not a number in [0, 1]")
+    if not 0.0 <= eps <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name}={eps} is outside [0, 1]")
+
+
+def check_kernel_size(kernel_size: object, name: str = "kernel_size") -> None:
+    """Raise a one-line ValueError unless ``kernel_size`` is an odd positive integer or ``math.inf``."""
+    ok = _is_number(kernel_size) and (
+        kernel_size == math.inf
+        or (math.isfinite(kernel_size) and float(kernel_size).is_integer() and kernel_size >= 1
+            and int(kernel_size) % 2 == 1)
+    )
+    if not ok:
+        raise ValueError(f"{name}={kernel_size} must be an odd positive integer or inf")
+
+
+def check_temperature(temperature: object, name: str = "temperature") -> None:
+    """Raise a one-line ValueError unless ``temperature`` is a number > 0."""
+    if not _is_number(temperature) or not temperature > 0:  # also refuses NaN
+        raise ValueError(f"{name}={temperature} must be a number > 0")
+
+
+@dataclass
+class SmoothedLabels:
+    """Hard labels smoothed per pixel: ``y_i = (1 - eps_i) * onehot(labels_i) + eps_i / num_classes``.
+
+    Attributes:
+        labels: ``(B, H, W)`` int64 class ids, ``ignore_index`` where ignored.
+        eps: ``(B, H, W)`` float smoothing coefficient of every pixel (0 = the one-hot label).
+        num_classes: ``C``.
+        ignore_index: value of ignored pixels in ``labels``.
+    """
+
+    labels: torch.Tensor
+    eps: torch.Tensor
+    num_classes: int
+    ignore_index: int = 255
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(B, C, H, W)`` float target; ignored pixels get all-zero rows."""
+        keep = self.labels != self.ignore_index
+        onehot = F.one_hot(torch.where(keep, self.labels, 0), self.num_classes).permute(0, 3, 1, 2).to(self.eps.dtype)
+        eps = self.eps[:, None]
+        return ((1 - eps) * onehot + eps / self.num_classes) * keep[:, None]
+
+    @property
+    def shape(self) -> torch.Size:
+        b, h, w = self.labels.shape
+        return torch.Size((b, self.num_classes, h, w))
+
+
+def boundary_label_smoothing(
+    labels: torch.Tensor,
+    num_classes: int,
+    eps: float = 0.5,
+    kernel_size: int | float = 3,
+    ignore_index: int = 255,
+    strict_ignore: bool = False,
+) -> SmoothedLabels:
+    """Boundary label smoothing: smooth only pixels whose ``k x k`` window holds another class.
+
+    Args:
+        labels: ``(B, H, W)`` int64 hard labels.
+        num_classes: ``C``.
+        eps: smoothing coefficient on boundary pixels (paper default 0.5).
+        kernel_size: odd ``k`` (paper default 3); ``math.inf`` smooths every pixel (plain label smoothing).
+        ignore_index: ignored value.
+        strict_ignore: the authors' released rule: pixels whose window touches an ignored pixel become ignored.
+    """
+    check_smoothing_eps(eps)
+    check_kernel_size(kernel_size)
+    keep = labels != ignore_index
+    if math.isinf(kernel_size):
+        mask = keep
+    else:
+        mask = boundary_map(labels, int(kernel_size), ignore_index)
+    if strict_ignore and not math.isinf(kernel_size):
+        labels = labels.masked_fill(near_ignore_map(labels, int(kernel_size), ignore_index), ignore_index)
+        mask = mask & (labels != ignore_index)
+    return SmoothedLabels(labels, mask.to(torch.get_default_dtype()) * eps, num_classes, ignore_index)
+
+
+def label_smoothing(
+    labels: torch.Tensor, num_classes: int, eps: float = 0.1, ignore_index: int = 255
+) -> SmoothedLabels:
+    """Plain label smoothing on every pixel (BLS with ``k = inf``)."""
+    return boundary_label_smoothing(labels, num_classes, eps, math.inf, ignore_index)
+
+
+def distillation_targets(
+    teacher_logits: torch.Tensor, size: torch.Size | tuple[int, int] | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Teacher probabilities at ``temperature``, bilinearly resized to the label ``size`` (paper eq. 11-13).
+
+    Args:
+        teacher_logits: ``(B, C, h, w)`` logits.
+        size: label size ``(H, W)``; ``None`` keeps the logits' size.
+        temperature: softmax temperature (1.0 in the paper), > 0.
+    """
+    check_temperature(temperature)
+    if size is not None and tuple(teacher_logits.shape[-2:]) != tuple(size):
+        teacher_logits = F.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False)
+    return torch.softmax(teacher_logits.float() / temperature, dim=1)

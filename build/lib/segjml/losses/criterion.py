@@ -1,0 +1,169 @@
+"""The loss mix of the paper: cross-entropy + Jaccard metric loss, on labels, smoothed labels and a teacher.
+
+``L = lambda_CE * (w_main * CE_main + w_aux * CE(aux)) + lambda_JML * JML_main`` (paper eq. 10, recipe in
+``REFERENCE.md`` section 1), where with a teacher (eq. 11-13)
+``CE_main = mu_L * CE(S, L) + mu_T * CE(S, T)`` and ``JML_main = nu_L * JML(S, L) + nu_T * JML(S, T)``.
+``L`` is the hard label or its boundary-smoothed version; ``T`` the teacher's probabilities at temperature ``tau``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from segjml.labels.soft_labels import (
+    boundary_label_smoothing,
+    check_kernel_size,
+    check_smoothing_eps,
+    check_temperature,
+    distillation_targets,
+)
+from segjml.losses.cross_entropy import CrossEntropyLoss
+from segjml.losses.jaccard import JaccardMetricLoss
+from segjml.losses.lovasz import LovaszSoftmaxLoss
+
+BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
+KD_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5,
+                               "jml_teacher": 0.5, "active_classes": "LABEL"}
+
+
+def _check_weight(key: str, value: Any) -> None:
+    """The loss weight ``key`` (its config key) must be a real number >= 0; one-line ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+        raise ValueError(f"{key}={value!r} is not a number; loss weights must be >= 0")
+    if value < 0:
+        raise ValueError(f"{key}={value} is negative; loss weights must be >= 0")
+
+
+def _check_keys(node: str, given: Mapping[str, Any], known: tuple[str, ...] | Mapping[str, Any]) -> None:
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        raise ValueError(f"unknown key {node}.{unknown[0]}; {node} takes {', '.join(known)}")
+
+
+def _parse_kernel_size(value: Any) -> int | float:
+    """``loss.bls.kernel_size``: an odd positive integer, or ``inf`` (also as the text ``inf`` / ``infinity``)."""
+    number = value
+    if isinstance(value, str):  # a command-line override may arrive as text
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    try:
+        check_kernel_size(number)
+    except ValueError:
+        raise ValueError(f"loss.bls.kernel_size={value} must be an odd positive integer or inf") from None
+    return number if math.isinf(number) else int(number)
+
+
+class SegmentationCriterion(nn.Module):
+    """Weighted mix of CE and an IoU loss; ``forward`` returns a dict of named (unweighted) terms and ``total``.
+
+    Args:
+        num_classes: ``C``.
+        ignore_index: ignored label value.
+        ce_weight: ``lambda_CE`` (0.25 with JML, 1.0 for CE-only baselines).
+        jml_weight: ``lambda_JML`` (0.75 with JML, 0.0 for CE-only baselines).
+        main_weight, aux_weight: CE weights of the main and auxiliary heads (0.5 / 0.5).
+        iou_loss: ``jml`` (:class:`JaccardMetricLoss`, the variant set in ``jml``) or ``lovasz``.
+        jml: keyword arguments of :class:`JaccardMetricLoss`.
+        bls: ``{kernel_size, eps, strict_ignore}`` for boundary label smoothing of the label target
+            (``kernel_size: inf`` = plain label smoothing), or ``None``.
+        kd: ``{temperature, ce_label, ce_teacher, jml_label, jml_teacher, active_classes}`` (mu_L, mu_T, nu_L,
+            nu_T; JML(S, T) uses ``active_classes``, ``LABEL`` in the paper), or ``None`` without a teacher.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        ce_weight: float = 1.0,
+        jml_weight: float = 0.0,
+        main_weight: float = 0.5,
+        aux_weight: float = 0.5,
+        iou_loss: str = "jml",
+        jml: Mapping[str, Any] | None = None,
+        bls: Mapping[str, Any] | None = None,
+        kd: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # every user-facing value is checked here, before any loss is built, and named by its config key
+        for key, value in (("ce_weight", ce_weight), ("jml_weight", jml_weight), ("main_weight", main_weight),
+                           ("aux_weight", aux_weight)):
+            _check_weight(f"loss.{key}", value)
+        if ce_weight == 0 and jml_weight == 0:
+            raise ValueError("loss.ce_weight and loss.jml_weight are both 0: nothing would be trained; set "
+                             "loss.ce_weight > 0 (cross-entropy) and/or loss.jml_weight > 0 (Jaccard metric loss)")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.ce_weight, self.jml_weight = ce_weight, jml_weight
+        self.main_weight, self.aux_weight = main_weight, aux_weight
+        self.bls = dict(bls) if bls else None
+        if self.bls is not None:
+            _check_keys("loss.bls", self.bls, BLS_KEYS)
+            self.bls["kernel_size"] = _parse_kernel_size(self.bls.get("kernel_size", 3))
+            check_smoothing_eps(self.bls.get("eps", 0.5), "loss.bls.eps")
+        self.kd = None
+        if kd is not None:
+            _check_keys("loss.kd", kd, KD_DEFAULTS)
+            self.kd = {**KD_DEFAULTS, **dict(kd)}
+            check_temperature(self.kd["temperature"], "loss.kd.temperature")
+            for key in ("ce_label", "ce_teacher", "jml_label", "jml_teacher"):
+                _check_weight(f"loss.kd.{key}", self.kd[key])
+        self.ce = CrossEntropyLoss(ignore_index)
+        jml_args = {"ignore_index": ignore_index, **dict(jml or {})}
+        if iou_loss == "jml":
+            self.iou = JaccardMetricLoss(**jml_args)
+        elif iou_loss == "lovasz":
+            if self.bls is not None or self.kd is not None:
+                raise ValueError("loss.iou_loss=lovasz cannot take soft labels: remove loss.bls and loss.kd")
+            self.iou = LovaszSoftmaxLoss(ignore_index)
+        else:
+            raise ValueError(f"unknown loss.iou_loss '{iou_loss}'; choose 'jml' or 'lovasz'")
+        self.iou_teacher = None
+        if self.kd is not None:
+            self.iou_teacher = JaccardMetricLoss(**{**jml_args, "active_classes": self.kd["active_classes"]})
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd is not None
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Args:
+            outputs: model outputs, ``out`` (B, C, H, W) and optionally ``aux``.
+            target: hard labels ``(B, H, W)``.
+            teacher_logits: ``(B, C, h, w)`` teacher logits when distilling.
+        """
+        main = outputs["out"]
+        label = target
+        if self.bls is not None:
+            label = boundary_label_smoothing(target, self.num_classes, ignore_index=self.ignore_index, **self.bls)
+        terms: dict[str, torch.Tensor] = {"ce": self.ce(main, label)}
+        ce_main = terms["ce"]
+        if self.kd is not None:
+            if teacher_logits is None:
+                raise ValueError("this loss distils from a teacher (loss.kd is set) but no teacher logits were given")
+            soft = distillation_targets(teacher_logits, target.shape[-2:], self.kd["temperature"])
+            keep = target != self.ignore_index  # the teacher is only asked about pixels that have a label
+            terms["ce_teacher"] = self.ce(main, soft, keep)
+            ce_main = self.kd["ce_label"] * ce_main + self.kd["ce_teacher"] * terms["ce_teacher"]
+        ce_total = ce_main
+        if "aux" in outputs and self.aux_weight:
+            terms["ce_aux"] = self.ce(outputs["aux"], label)
+            ce_total = self.main_weight * ce_main + self.aux_weight * terms["ce_aux"]
+        total = self.ce_weight * ce_total
+        if self.jml_weight:
+            terms["iou"] = self.iou(main, label)
+            iou_main = terms["iou"]
+            if self.kd is not None:
+                terms["iou_teacher"] = self.iou_teacher(main, soft, keep)
+                iou_main = self.kd["jml_label"] * iou_main + self.kd["jml_teacher"] * terms["iou_teacher"]
+            total = total + self.jml_weight * iou_main
+        terms["total"] = total
+        return terms

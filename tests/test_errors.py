@@ -1,0 +1,166 @@
+"""Bad input ends a command with exit code 2 and one line naming the value; the traceback goes to the run's
+``error.log``; a changed config is not resumed silently; a full disk leaves the previous ``last.pt`` intact."""
+
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+
+from segjml.cli import guarded
+from segjml.engine import train
+from segjml.engine.checkpoint import CheckpointError, load_checkpoint
+from tests.conftest import ROOT, compose_config
+
+FAST = ["debug=fast", "trainer.max_iters=2", "trainer.ckpt_interval=1"]
+
+
+def fails_in_one_line(cfg, capsys, fn=None) -> str:
+    """Run ``fn`` (default: train ``cfg``) as the commands do; return the one line it printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(cfg, fn or (lambda: train(cfg)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" in (ROOT / cfg.paths.output_dir / "error.log").read_text()
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["model=custom", "model.encoder=resnet_nope"], "'resnet_nope'"),
+    (["model.arch=segnet"], "'segnet'"),
+    (["loss.jml_weight=-1"], "loss.jml_weight=-1"),
+    (["loss.ce_weight=0", "loss.jml_weight=0"], "loss.ce_weight and loss.jml_weight are both 0"),
+    (["loss=ce_jml_bls", "loss.bls.eps=1.5"], "loss.bls.eps=1.5"),
+    (["loss=ce_jml_bls", "loss.bls.kernel_size=4"], "loss.bls.kernel_size=4"),
+    (["trainer.accumulate_steps=0"], "trainer.accumulate_steps=0"),
+])
+def test_bad_config_values_fail_in_one_line_naming_the_value(overrides, named, tmp_path, capsys):
+    line = fails_in_one_line(compose_config([*FAST, *overrides], tmp_path), capsys)
+    assert named in line
+
+
+def test_unknown_encoder_names_the_closest_valid_names(tmp_path, capsys):
+    line = fails_in_one_line(compose_config([*FAST, "model=custom", "model.encoder=resnet18x"], tmp_path), capsys)
+    assert "resnet18" in line.split("closest", 1)[1]
+
+
+def test_a_file_that_is_not_a_checkpoint_fails_in_one_line_without_unsafe_advice(tmp_path, capsys):
+    bogus = tmp_path / "notes.pt"
+    bogus.write_text("not a checkpoint\n")
+    line = fails_in_one_line(compose_config([*FAST, f"trainer.resume={bogus}"], tmp_path / "run"), capsys)
+    assert str(bogus) in line and "not a segjml checkpoint" in line and "weights_only" not in line
+
+
+def test_a_checkpoint_of_another_model_names_the_first_mismatching_tensor(tmp_path, capsys):
+    other = compose_config([*FAST, "model.num_classes=3"], tmp_path)
+    from segjml.utils import build
+
+    path = tmp_path / "other.pt"
+    torch.save({"model": build(other.model).state_dict()}, path)  # no stored config: only the weights are checked
+    line = fails_in_one_line(compose_config([*FAST, f"trainer.resume={path}"], tmp_path / "run"), capsys)
+    assert "does not fit the model: tensor '" in line and "(3, " in line and "(6, " in line
+
+
+def test_eval_of_a_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from segjml.config import compose
+    from segjml.engine.inference import evaluate_checkpoint
+    from segjml.utils import build
+
+    train_cfg = compose_config(FAST, tmp_path)
+    state = {"model": build(compose_config([*FAST, "model.num_classes=3"], tmp_path).model).state_dict(),
+             "config": OmegaConf.to_container(train_cfg, resolve=True)}
+    path = tmp_path / "mismatch.pt"
+    torch.save(state, path)
+    cfg = compose([f"ckpt={path}"], config_name="eval", output_dir=tmp_path / "eval")
+    line = fails_in_one_line(cfg, capsys, lambda: evaluate_checkpoint(cfg))
+    assert f"checkpoint {path} does not fit the model: tensor '" in line
+
+
+# --- resume safety ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def finished(tmp_path):
+    """A finished 2-iteration run in ``tmp_path``."""
+    train(compose_config(FAST, tmp_path))
+    return tmp_path
+
+
+def test_a_changed_config_is_not_resumed_and_the_message_names_the_keys(finished, capsys):
+    cfg = compose_config([*FAST, "optimizer.lr=0.5", "loss.jml_weight=0.5"], finished)
+    line = fails_in_one_line(cfg, capsys)
+    assert "optimizer.lr (0.02 -> 0.5)" in line and "loss.jml_weight (0.75 -> 0.5)" in line
+    assert "trainer.allow_config_change=true" in line
+    assert load_checkpoint(finished / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] == 0.02
+
+
+def test_allow_config_change_resumes_on_purpose(finished, caplog):
+    cfg = compose_config([*FAST, "optimizer.lr=0.5", "trainer.max_iters=3", "trainer.allow_config_change=true"],
+                         finished)
+    with caplog.at_level("INFO"):
+        train(cfg)
+    assert "resumed from" in caplog.text and "at iteration 2" in caplog.text
+    state = load_checkpoint(finished / "checkpoints" / "last.pt")
+    assert state["iteration"] == 3 and state["config"]["optimizer"]["lr"] == 0.5
+
+
+def test_keys_that_may_change_between_attempts_do_not_block_resume(finished, caplog):
+    cfg = compose_config([*FAST, "trainer.max_iters=3", "trainer.log_interval=1", "trainer.num_workers=1",
+                          "trainer.progress=true"], finished)
+    with caplog.at_level("INFO"):
+        train(cfg)
+    assert "at iteration 2" in caplog.text
+    assert load_checkpoint(finished / "checkpoints" / "last.pt")["iteration"] == 3
+
+
+def test_checkpoint_stores_the_config_and_its_hash(finished):
+    from segjml.engine.checkpoint import config_hash
+
+    state = load_checkpoint(finished / "checkpoints" / "last.pt")
+    assert state["config"]["trainer"]["max_iters"] == 2
+    assert state["config_sha256"] == config_hash(state["config"]) and len(state["config_sha256"]) == 64
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+def test_checkpoints_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        train(compose_config(FAST, tmp_path))
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "best.pt"):
+        assert (tmp_path / "checkpoints" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_last(finished, capsys, monkeypatch):
+    last = finished / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    cfg = compose_config([*FAST, "trainer.max_iters=3"], finished)
+    line = fails_in_one_line(cfg, capsys)
+    assert f"cannot write checkpoint {last}: disk full" in line
+    assert "disk full" in line and "MB" in line
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_py_prints_one_line_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", f"paths.log_dir={tmp_path}", *FAST, "loss.bls.eps=1.5",
+                           "loss=ce_jml_bls"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: loss.bls.eps=1.5 is outside [0, 1]"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Traceback" in next(tmp_path.rglob("error.log")).read_text()
+
+
+def test_checkpoint_errors_are_user_errors():
+    from segjml.cli import user_errors
+
+    assert CheckpointError in user_errors()
