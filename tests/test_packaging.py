@@ -1,6 +1,7 @@
 """The wheel trains anywhere: configs inside the package, console scripts, ``python -m`` tools, declared extras."""
 
 import os
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -15,8 +16,12 @@ def installed(tmp_path_factory):
     """The wheel built from this checkout, installed with ``pip install --target`` (its dependencies come from the
     test environment); returns the target and an environment whose ``sys.path`` starts there."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # what the wheel is built from, copied so that the build leaves the checkout clean
+    shutil.copytree(ROOT / "segjml", source / "segjml", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-                            str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(source)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp / "dist").glob("segjml-*.whl"))
     target = tmp / "target"

@@ -1,6 +1,0 @@
-"""Training loop, evaluation, checkpoints, optimisation."""
-
-from segjml.engine.evaluator import evaluate, predict_probs, slide_logits
-from segjml.engine.trainer import train
-
-__all__ = ["evaluate", "predict_probs", "slide_logits", "train"]
