@@ -27,8 +27,10 @@ test: $(STAMP) ## Run the test suite (every non-slow test)
 test-slow: $(STAMP) ## Run only the slow tests (multi-process, large models)
 	$(PY) -m pytest -q -m slow
 
-lint: $(STAMP) ## Lint with ruff
-	$(PY) -m ruff check segjml tests scripts train.py eval.py predict.py
+LINTED := segjml tests scripts train.py eval.py predict.py
+lint: $(STAMP) ## Lint and check formatting with ruff (the same as the pre-commit hooks)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 models: $(STAMP) ## Print the model table (parameters vs paper Table 9)
 	$(PY) -m segjml.models

@@ -26,12 +26,33 @@ class UserError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "the input is wrong" (every other exception is a bug and keeps its traceback)."""
+    from omegaconf.errors import MissingMandatoryValue
+
     from segjml.data.errors import DataError
     from segjml.engine.checkpoint import CheckpointError
     from segjml.engine.distillation import TeacherError
     from segjml.models import PretrainedWeightsError
 
-    return UserError, DataError, CheckpointError, PretrainedWeightsError, TeacherError, FloatingPointError, ValueError
+    return (UserError, DataError, CheckpointError, PretrainedWeightsError, TeacherError, FloatingPointError, ValueError,
+            MissingMandatoryValue)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error raised in a DataLoader worker arrives as "Caught X in DataLoader
+    worker process N. Original Traceback ...": its own message is the last line of that text."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, _missing_value()) and lines:  # "Missing mandatory value: ckpt" + OmegaConf's key details
+        return f"{lines[0]}; give it on the command line ({lines[0].rsplit(' ', 1)[-1]}=...)"
+    return " ".join(lines) or type(err).__name__
+
+
+def _missing_value() -> type[BaseException]:
+    from omegaconf.errors import MissingMandatoryValue
+
+    return MissingMandatoryValue
 
 
 def guarded(cfg: DictConfig, fn: Callable[[], Any]) -> Any:
@@ -40,8 +61,7 @@ def guarded(cfg: DictConfig, fn: Callable[[], Any]) -> Any:
         return fn()
     except user_errors() as err:
         _save_traceback(cfg)
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -64,14 +84,14 @@ def run_training(cfg: DictConfig) -> float:
 
 def run_evaluation(cfg: DictConfig) -> float:
     """Evaluate a checkpoint (``eval`` config); returns its mIoU."""
-    from segjml.engine.inference import evaluate_checkpoint
+    from segjml.engine.commands import evaluate_checkpoint
 
     return guarded(cfg, lambda: evaluate_checkpoint(cfg)["miou"])
 
 
 def run_prediction(cfg: DictConfig) -> None:
     """Write colour-coded predictions of images (``predict`` config)."""
-    from segjml.engine.inference import predict_images
+    from segjml.engine.commands import predict_images
 
     guarded(cfg, lambda: predict_images(cfg))
 

@@ -5,7 +5,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from segjml.engine.trainer import TrainState, build_run, train_step
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def _run(tmp_path, loss, extra=()):

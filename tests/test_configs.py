@@ -7,7 +7,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from tests.conftest import CONFIG_DIR, ROOT, compose_config, group_options
+from tests.helpers import CONFIG_DIR, ROOT, compose_config, group_options
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 

@@ -12,8 +12,8 @@ from segjml.data import ADE20K, Cityscapes, DataError, DeepGlobeLand, PascalVOC
 from segjml.data.deepglobe import fold_split
 from segjml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from segjml.labels import boundary_map
-from tests.conftest import ROOT
 from tests.fixtures import DEEPGLOBE_COLOURS, write_ade20k, write_cityscapes, write_deepglobe, write_voc
+from tests.helpers import ROOT
 
 
 # --- discovery and label mapping ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from segjml.config import CONFIG_DIR, compose
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 STARTS = ("python ", "torchrun ", "make ", "segjml-", "pip ")
@@ -56,8 +56,9 @@ def words(command: str) -> list[str]:
 
 
 def placeholders(arg: str) -> str:
-    """``experiment=<name>`` -> a real preset; any other ``<...>`` -> a plain word (``{a,b}`` stays as it is)."""
-    return re.sub(r"<[^>]+>", "x", arg.replace("experiment=<name>", "experiment=demo"))
+    """``experiment=<...>`` / ``dataset=<...>`` -> a real option; any other ``<...>`` -> a plain word."""
+    arg = re.sub(r"experiment=<[^>]+>", "experiment=demo", arg)
+    return re.sub(r"<[^>]+>", "x", re.sub(r"dataset=<[^>]+>", "dataset=synthetic", arg))
 
 
 def overrides_of(args: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from segjml.cli import guarded
 from segjml.engine import train
 from segjml.engine.checkpoint import CheckpointError, load_checkpoint
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 FAST = ["debug=fast", "trainer.max_iters=2", "trainer.ckpt_interval=1"]
 
@@ -69,7 +69,7 @@ def test_eval_of_a_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path, caps
     from omegaconf import OmegaConf
 
     from segjml.config import compose
-    from segjml.engine.inference import evaluate_checkpoint
+    from segjml.engine.commands import evaluate_checkpoint
     from segjml.utils import build
 
     train_cfg = compose_config(FAST, tmp_path)
@@ -164,3 +164,37 @@ def test_checkpoint_errors_are_user_errors():
     from segjml.cli import user_errors
 
     assert CheckpointError in user_errors()
+
+
+class _BrokenSamples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        from segjml.data.errors import DataError
+
+        raise DataError(f"cannot read label /data/broken_{index}.png: not a PNG")
+
+
+def test_a_data_error_in_a_loader_worker_is_reported_by_its_own_message(tmp_path, capsys):
+    cfg = compose_config(FAST, tmp_path)
+    loader = torch.utils.data.DataLoader(_BrokenSamples(), batch_size=1, num_workers=1)
+    line = fails_in_one_line(cfg, capsys, lambda: next(iter(loader)))
+    assert line == "error: cannot read label /data/broken_0.png: not a PNG"
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["trainer.precision=fp8"], "trainer.precision=fp8"),
+    (["trainer.max_iters=0"], "trainer.max_iters=0"),
+])
+def test_bad_trainer_values_fail_in_one_line(overrides, named, tmp_path, capsys):
+    assert named in fails_in_one_line(compose_config([*FAST, *overrides], tmp_path), capsys)
+
+
+def test_a_missing_mandatory_value_names_it(tmp_path, capsys):
+    from segjml.config import compose
+    from segjml.engine.commands import evaluate_checkpoint
+
+    cfg = compose([], config_name="eval", output_dir=tmp_path)
+    line = fails_in_one_line(cfg, capsys, lambda: evaluate_checkpoint(cfg))
+    assert line.startswith("error: Missing mandatory value: ckpt") and "ckpt=" in line

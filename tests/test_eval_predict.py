@@ -9,7 +9,7 @@ import pytest
 
 from segjml.data.synthetic import PALETTE, make_sample
 from segjml.engine import train
-from tests.conftest import ROOT, compose_config
+from tests.helpers import ROOT, compose_config
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,19 @@
 """Every ``configs/loss`` preset trains the demo for a few iterations (KD presets with a teacher trained here)."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from segjml.engine import train
 from segjml.engine.checkpoint import load_checkpoint
 from segjml.engine.distillation import TeacherError, build_teacher
-from tests.conftest import compose_config, group_options
+from segjml.losses import SegmentationCriterion
+from segjml.losses.lovasz import LovaszSoftmaxLoss
+from tests.helpers import CONFIG_DIR, compose_config, group_options
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +64,95 @@ def test_loss_presets_instantiate_with_the_recipe(tmp_path):
         criterion = instantiate(compose_config([f"loss={name}"], tmp_path).loss)
         assert (criterion.ce_weight, criterion.jml_weight) == (0.25, 0.75)
     assert instantiate(compose_config(["loss=ce"], tmp_path).loss).jml_weight == 0.0
+
+
+# The loss presets are composed from shared pieces (loss/common/base.yaml: the full CE + JML-1 node, built on
+# loss/common/criterion.yaml; loss/kd/default.yaml: the KD weights) and state only what differs.
+LOSS_DIR = CONFIG_DIR / "loss"
+
+
+def _node(overrides: list[str]) -> dict:
+    return OmegaConf.to_container(compose_config(overrides, Path("/tmp/segjml-unused")).loss, resolve=True)
+
+
+def _criterion(node: dict) -> SegmentationCriterion:
+    return SegmentationCriterion(**{k: v for k, v in node.items() if k != "_target_"})
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_only_the_presets_are_options_of_loss():
+    assert group_options("loss") == ["ce", "ce_bls", "ce_jml", "ce_jml_bls", "ce_jml_kd", "ce_kd", "ce_ls", "jml2",
+                                     "lovasz", "sjl_l1", "sjl_l2"]
+
+
+@pytest.mark.parametrize("loss", group_options("loss"))
+def test_loss_preset_composes_from_the_base_and_states_only_what_differs(loss):
+    text = (LOSS_DIR / f"{loss}.yaml").read_text()
+    assert text.startswith("# ") and len(text.splitlines()[0]) > 10, "a one-line comment says what the preset is"
+    raw = OmegaConf.to_container(OmegaConf.load(LOSS_DIR / f"{loss}.yaml"))
+    defaults = raw.pop("defaults")
+    base = "criterion" if loss == "lovasz" else "base"
+    assert defaults[0] == f"/loss/common/{base}@_here_" and defaults[-1] == "_self_"
+    assert ({"kd": "default"} in defaults) == ("kd" in loss)
+    node = _node([f"loss={loss}"])
+    shared = OmegaConf.to_container(OmegaConf.load(LOSS_DIR / "common" / f"{base}.yaml"))
+    shared.pop("defaults", None)
+    stated, inherited = _leaves(raw), _leaves(shared)
+    assert not {k for k, v in stated.items() if k in inherited and inherited[k] == v}, "a key repeats the base"
+    assert all(_leaves(node)[k] == v for k, v in stated.items())
+    _criterion(node)  # every key is an argument of SegmentationCriterion, every value valid
+
+
+def test_kd_presets_take_the_kd_weights_from_the_kd_group():
+    kd = OmegaConf.to_container(OmegaConf.load(LOSS_DIR / "kd" / "default.yaml"))
+    assert kd == {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5, "jml_teacher": 0.5,
+                  "active_classes": "LABEL"}
+    for loss in ("ce_kd", "ce_jml_kd"):
+        assert _node([f"loss={loss}"])["kd"] == kd
+    assert _node(["loss=ce_jml_kd", "loss.kd.active_classes=BOTH"])["kd"]["active_classes"] == "BOTH"
+    for experiment in ("voc_dl3r18_sjl1_kd", "cs_dl3r18_sjl2_kd", "voc_dl3r18_jml2_kd"):
+        assert _node([f"experiment={experiment}"])["kd"] == kd
+
+
+def test_lovasz_has_its_own_weight_and_keeps_the_term_names():
+    node = _node(["loss=lovasz"])
+    assert "jml" not in node and "jml_weight" not in node
+    assert (node["iou_loss"], node["ce_weight"], node["lovasz_weight"]) == ("lovasz", 0.25, 0.75)
+    criterion = _criterion(node)
+    assert isinstance(criterion.iou, LovaszSoftmaxLoss) and criterion.iou_weight == 0.75
+    torch.manual_seed(0)
+    outputs = {"out": torch.randn(2, 3, 8, 8), "aux": torch.randn(2, 3, 8, 8)}
+    target = torch.randint(0, 3, (2, 8, 8))
+    terms = criterion(outputs, target)
+    assert set(terms) == {"ce", "ce_aux", "iou", "total"}
+    ce = 0.5 * terms["ce"] + 0.5 * terms["ce_aux"]
+    assert torch.allclose(terms["total"], 0.25 * ce + 0.75 * terms["iou"])
+    assert _node(["loss=lovasz", "loss.lovasz_weight=0.5"])["lovasz_weight"] == 0.5
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss=lovasz", "+loss.jml_weight=0.75"], "unused with loss.iou_loss=lovasz: weight the Lovasz-Softmax term "
+                                               "with loss.lovasz_weight"),
+    (["loss=ce_jml", "loss.iou_loss=lovasz"], "loss.jml_weight=0.75 weights the Jaccard metric loss, unused with"),
+    (["loss=lovasz", "loss.lovasz_weight=-1"], "loss.lovasz_weight=-1 is negative; loss weights must be >= 0"),
+    (["loss=lovasz", "loss.lovasz_weight=0", "loss.ce_weight=0"], "loss.ce_weight and loss.lovasz_weight are both 0"),
+    (["loss=ce_jml", "+loss.lovasz_weight=0.75"], "loss.lovasz_weight=0.75 is only used with loss.iou_loss=lovasz"),
+])
+def test_lovasz_weight_is_checked_in_one_line(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        _criterion(_node(overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_lovasz_takes_a_zero_jml_weight():
+    criterion = _criterion(_node(["loss=lovasz", "+loss.jml_weight=0"]))
+    assert (criterion.jml_weight, criterion.iou_weight) == (0, 0.75)

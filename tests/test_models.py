@@ -1,12 +1,14 @@
-"""Every model preset: Table 9 parameter counts, forward/backward, output shapes, param groups, weights errors."""
+"""Every model preset: Table 9 parameter counts, forward/backward, output shapes, param groups, weights errors;
+one test class per architecture of ``DECODERS``; the model interface that ``param_groups`` relies on."""
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
 from segjml.engine.optim import param_groups
-from segjml.models import PretrainedWeightsError, build_model
-from tests.conftest import compose_config, group_options
+from segjml.models import ARCHITECTURES, PretrainedWeightsError, SegmentationModel, build_model
+from tests.helpers import compose_config, group_options
 
 # Table 9 of the paper, parameters (M) at 19 classes.
 TABLE9 = {
@@ -192,3 +194,140 @@ def test_unknown_encoder_under_a_known_arch():
     with pytest.raises(ValueError) as excinfo:
         build_model("deeplabv3", "resnet_nope", 5, 32, 16)
     _one_line_value_error(excinfo, "unknown model.encoder 'resnet_nope'", "resnet")
+
+
+# --- one test class per architecture (a subclass of ArchitectureTests sets ``arch`` and, if needed, the encoder)
+class ArchitectureTests:
+    """Forward/backward, output shapes and parameter groups of one architecture on a small encoder."""
+
+    arch: str
+    encoder = "mobilenetv2_050"
+    output_stride = 8
+    num_classes = 3
+
+    @pytest.fixture(scope="class")
+    def model(self):
+        torch.manual_seed(0)
+        return build_model(self.arch, self.encoder, self.num_classes, channels=16, aux_channels=8,
+                           output_stride=self.output_stride)
+
+    def test_builds_a_segmentation_model(self, model):
+        assert isinstance(model, SegmentationModel) and model.num_classes == self.num_classes
+        assert model.encoder is not None and model.decoder is not None
+        assert model.head is not None and model.aux_head is not None
+
+    def test_forward_backward(self, model):
+        torch.manual_seed(0)
+        model.train().zero_grad(set_to_none=True)
+        out = model(torch.randn(2, 3, 64, 64))
+        assert set(out) == {"out", "aux"}
+        assert out["out"].shape == out["aux"].shape == (2, self.num_classes, 64, 64)
+        (out["out"].mean() + out["aux"].mean()).backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        model.zero_grad(set_to_none=True)
+
+    @pytest.mark.parametrize("size", [(64, 64), (48, 80), (33, 47)])
+    def test_output_is_at_the_input_size(self, model, size):
+        torch.manual_seed(0)
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, *size))
+            both = model(torch.randn(1, 3, *size), with_aux=True)
+        assert set(out) == {"out"} and out["out"].shape == (1, self.num_classes, *size)
+        assert set(both) == {"out", "aux"} and both["aux"].shape == (1, self.num_classes, *size)
+
+    @pytest.mark.parametrize("no_decay_1d", [True, False])
+    def test_param_groups(self, model, no_decay_1d):
+        groups = param_groups(model, lr=0.01, weight_decay=5e-4, head_lr_mult=10, no_decay_1d=no_decay_1d)
+        names = ["head", "head_no_decay", "encoder", "encoder_no_decay"] if no_decay_1d else ["head", "encoder"]
+        assert [g["name"] for g in groups] == names
+        encoder = {id(p) for p in model.encoder.parameters()}
+        for g in groups:
+            assert all((id(p) in encoder) == g["name"].startswith("encoder") for p in g["params"])
+            assert g["lr_mult"] == (1.0 if g["name"].startswith("encoder") else 10)
+            assert g["lr"] == pytest.approx(0.01 * g["lr_mult"])
+            assert all(g["weight_decay"] == (0.0 if no_decay_1d and p.ndim <= 1 else 5e-4) for p in g["params"])
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        seen = [id(p) for g in groups for p in g["params"]]
+        assert sorted(seen) == sorted(order)  # every parameter exactly once
+        assert all([order[id(p)] for p in g["params"]] == sorted(order[id(p)] for p in g["params"]) for g in groups)
+
+
+class TestDeepLabV3(ArchitectureTests):
+    arch = "deeplabv3"
+
+
+class TestDeepLabV3Plus(ArchitectureTests):
+    arch = "deeplabv3plus"
+
+
+class TestPSPNet(ArchitectureTests):
+    arch = "pspnet"
+
+
+class TestUNet(ArchitectureTests):
+    arch = "unet"
+    output_stride = 32
+
+
+class TestSegFormer(ArchitectureTests):
+    arch = "segformer"
+    encoder = "mit_b0"
+    output_stride = 32
+
+
+def _subclasses(cls):
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def test_every_architecture_has_a_test_class():
+    assert sorted(c.arch for c in _subclasses(ArchitectureTests)) == sorted(ARCHITECTURES)
+
+
+def test_architectures_table():
+    from segjml.models import DECODERS
+
+    assert ARCHITECTURES == tuple(DECODERS) == ("deeplabv3", "deeplabv3plus", "pspnet", "unet", "segformer")
+
+
+# --- the model interface (SegmentationModel) that param_groups relies on
+class MyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+class HalfNet(MyNet):  # an encoder, but nothing else of the interface
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 3, 1)
+
+
+def test_param_groups_refuses_a_model_without_the_interface():
+    with pytest.raises(ValueError) as excinfo:
+        param_groups(MyNet(), lr=0.01, weight_decay=5e-4)
+    _one_line_value_error(excinfo, "model MyNet does not follow segjml's model interface",
+                          "segjml.models.SegmentationModel", "it has no 'encoder', ", "subclass SegmentationModel")
+
+
+def test_param_groups_names_every_missing_part_of_the_interface():
+    with pytest.raises(ValueError) as excinfo:
+        param_groups(HalfNet(), lr=0.01, weight_decay=5e-4)
+    message = _one_line_value_error(excinfo, "model HalfNet", "'decoder'", "'head'", "'aux_head'", "'num_classes'",
+                                    "'encoder_parameters'", "'head_parameters'")
+    assert "'encoder'" not in message.split("; ", 1)[0]
+
+
+def test_a_subclass_with_its_own_forward_follows_the_interface():
+    class NoAux(SegmentationModel):
+        def forward(self, x, with_aux=None):
+            return {"out": self.head(self.decoder(self.encoder(x)))}
+
+    torch.manual_seed(0)
+    base = build_model("pspnet", "mobilenetv2_050", 3, 16, 8, output_stride=32)
+    model = NoAux(base.encoder, base.decoder, 3, 8)
+    groups = param_groups(model, lr=0.01, weight_decay=0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from segjml.engine import train
 from segjml.engine.checkpoint import load_checkpoint
-from tests.conftest import ROOT
+from tests.helpers import ROOT, compose_config
 
 FAST = ["debug=fast", "trainer.max_iters=6", "trainer.progress=true"]
 
@@ -17,12 +19,21 @@ def run_train(tmp_path, *args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_train_writes_metrics_checkpoint_and_config(tmp_path):
-    proc = run_train(tmp_path, *FAST)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """``python train.py`` run once as a user would; its log folder and the completed process."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    proc = run_train(log_dir, *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return log_dir, proc
+
+
+def test_train_writes_metrics_checkpoint_and_config(finished_run):
+    tmp_path, proc = finished_run
     run_dirs = [p.parent for p in tmp_path.rglob("metrics.json")]
     assert len(run_dirs) == 1
     run = run_dirs[0]
+    assert run == tmp_path / "synthetic_demo_ce_jml" / "debug=fast,trainer.max_iters=6"  # progress: not in the name
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("acc", "miou", "miou_i", "miou_c", "ece", "bece", "sce", "bsce", "iou_per_class"):
         assert key in metrics
@@ -44,13 +55,19 @@ def test_train_writes_metrics_checkpoint_and_config(tmp_path):
     assert all(run in p.parents for p in written)
 
 
-def test_rerun_resumes_from_last(tmp_path):
-    assert run_train(tmp_path, *FAST).returncode == 0
-    proc = run_train(tmp_path, "debug=fast", "trainer.max_iters=6", "trainer.progress=true")
-    assert proc.returncode == 0
-    assert "resumed from" in proc.stdout + proc.stderr
-    state = load_checkpoint(next(tmp_path.rglob("last.pt")))
-    assert state["iteration"] == 6
+def test_checkpoint_is_loadable_with_weights_only(finished_run):
+    path = next(finished_run[0].rglob("last.pt"))
+    obj = torch.load(path, weights_only=True)
+    assert set(obj) >= {"model", "optimizer", "scheduler", "iteration", "config"}
+
+
+def test_rerun_resumes_from_last(tmp_path, caplog):
+    cfg = compose_config(["debug=fast", "trainer.max_iters=6"], tmp_path)
+    train(cfg)
+    with caplog.at_level("INFO"):
+        train(compose_config(["debug=fast", "trainer.max_iters=6"], tmp_path))
+    assert "resumed from" in caplog.text and "at iteration 6" in caplog.text
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 6
 
 
 def test_bad_override_value_fails_with_hydra_message(tmp_path):
@@ -68,13 +85,7 @@ def test_unknown_group_option_fails_with_hydra_message(tmp_path):
 
 
 def test_other_model_trains(tmp_path):
-    proc = run_train(tmp_path, *FAST, "model=custom", "model.arch=pspnet", "model.encoder=resnet10t",
-                     "model.channels=16", "model.aux_channels=16")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_checkpoint_is_loadable_with_weights_only(tmp_path):
-    assert run_train(tmp_path, *FAST).returncode == 0
-    path = next(tmp_path.rglob("last.pt"))
-    obj = torch.load(path, weights_only=True)
-    assert set(obj) >= {"model", "optimizer", "scheduler", "iteration", "config"}
+    result = train(compose_config(["debug=fast", "trainer.max_iters=6", "model=custom", "model.arch=pspnet",
+                                   "model.encoder=resnet10t", "model.channels=16", "model.aux_channels=16"], tmp_path))
+    assert 0 <= result["miou"] <= 100
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["model"]["arch"] == "pspnet"

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = ["logger=none", f"trainer.max_iters={total}", f"trainer.log_interval={args.warmup}",
                      f"trainer.eval_interval={10 * total}", f"trainer.ckpt_interval={10 * total}",
-                     "trainer.progress=true", "trainer.limit_val_samples=2", *args.overrides]
+                     "trainer.progress=false", "trainer.limit_val_samples=2", *args.overrides]
         cfg = compose(overrides, output_dir=tmp)
         bare_before = bare_loop(cfg, args.iters, args.warmup)
         train(cfg)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segjml.data.folder import to_tensors
+
 CLASS_NAMES = ("background", "vertical", "horizontal", "checker", "diagonal", "blobs")
 PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48))
 
@@ -132,11 +134,4 @@ class SyntheticSegmentation(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=label)
             image, label = out["image"], out["mask"]
-        return _to_tensors(image, label)
-
-
-def _to_tensors(image, label) -> tuple[torch.Tensor, torch.Tensor]:
-    image = torch.as_tensor(np.ascontiguousarray(image))
-    if image.ndim == 3 and image.shape[-1] in (1, 3):
-        image = image.permute(2, 0, 1)
-    return image.float() if image.dtype != torch.float32 else image, torch.as_tensor(np.asarray(label)).long()
+        return to_tensors(image, label)

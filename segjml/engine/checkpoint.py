@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from segjml.utils.files import read_tensors
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, truncated, unsafe, written by another model or config)."""
@@ -247,7 +249,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on files it is about to refuse
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            obj = read_tensors(path, map_location)
     except Exception as err:  # unpickling errors come as many types; the cause is kept in the message
         cause, damaged = _unreadable_cause(path, err)
         cause = cause.replace("weights_only", "safe loading")  # never pass on torch's advice to load unsafely

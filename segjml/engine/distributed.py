@@ -24,20 +24,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU (``cuda:LOCAL_RANK``) if there is one, else the CPU; ``cuda``: the same GPU;
+    ``cuda:N`` / ``cpu``: as written.
+
+    Raises:
+        ValueError: a device name torch does not know, or a GPU asked for on a machine without one.
+    """
+    try:
+        device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' asks for a GPU but torch sees none; use device=cpu (or auto)")
+        return torch.device("cuda", local_rank if device.index is None else device.index)
+    return device
+
+
 def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1), else run alone.
 
-    Returns the ranks and this process's device (``cuda:LOCAL_RANK`` when GPUs are used).
+    Returns the ranks and this process's device (see :func:`resolve_device`; ``cuda:LOCAL_RANK`` on GPUs).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
-    if use_cuda:
-        device = torch.device("cuda", info.local_rank if device_name in ("auto", "cuda") else
-                              torch.device(device_name).index or 0)
+    device = resolve_device(device_name, info.local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if info.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
@@ -54,11 +68,6 @@ def all_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
 
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return not all_true(not flag, info, device)
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
 
 
 def cleanup(info: DistInfo) -> None:

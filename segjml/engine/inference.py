@@ -1,90 +1,129 @@
-"""``eval.py`` and ``predict.py``: a trained segjml checkpoint on a validation split or on image files."""
+"""Inference (whole image or sliding window, optional flip / multi-scale) and evaluation with all metrics."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from segjml.engine.checkpoint import load_trained
-
-
-def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
-    """Colours of the data set's classes (from its data set class), for colour-coded predictions."""
-    cls = get_class(dataset_cfg.val._target_)
-    palette = list(getattr(cls, "palette", []))
-    n = dataset_cfg.num_classes
-    if len(palette) < n:  # pad with grey levels for classes without a colour
-        palette += [(int(255 * i / max(n - 1, 1)),) * 3 for i in range(len(palette), n)]
-    return palette
+from segjml.engine.report import format_table, reliability_diagram, write_json
+from segjml.metrics import SegmentationMetrics
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out["out"] if isinstance(out, dict) else out
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    """``eval.py``: the checkpoint's model on the validation split of its data set (or ``cfg.dataset``)."""
-    from segjml.data import build_dataset, build_loader
-    from segjml.engine.evaluator import evaluate
-    from segjml.metrics import SegmentationMetrics
+def slide_logits(model: nn.Module, image: torch.Tensor, crop_size: Sequence[int], stride: Sequence[int] | None = None,
+                 num_classes: int | None = None) -> torch.Tensor:
+    """Logits of ``image`` (B, 3, H, W) from overlapping ``crop_size`` windows, overlaps averaged.
 
-    device = resolve_device(cfg.device)
-    model, state = load_trained(cfg.ckpt, device)
-    run_cfg = OmegaConf.create(state.get("config") or {})
-    data_cfg = cfg.dataset if cfg.get("dataset") else run_cfg.dataset
-    if data_cfg.num_classes != model.num_classes:
-        raise ValueError(f"the checkpoint predicts {model.num_classes} classes but dataset {data_cfg.name} has "
-                         f"{data_cfg.num_classes}")
-    val_set = build_dataset(data_cfg, "val", cfg.limit_samples)
-    loader = build_loader(val_set, cfg.batch_size, False, cfg.num_workers)
-    metrics = SegmentationMetrics(data_cfg.num_classes, data_cfg.ignore_index, **cfg.metrics)
-    names = [str(n) for n in (getattr(val_set, "class_names", None) or range(data_cfg.num_classes))]
-    return evaluate(model, loader, metrics, device, cfg.mode, data_cfg.crop_size, flip=cfg.flip, scales=cfg.scales,
-                    output_dir=cfg.paths.output_dir, class_names=names, title=f"{run_cfg.get('name', '')} eval")
+    ``stride`` defaults to 2/3 of the crop. An image smaller than the crop is padded (zeros, i.e. the mean after
+    normalisation) and the logits are cropped back.
+    """
+    b, _, h, w = image.shape
+    ch, cw = crop_size
+    sh, sw = stride if stride is not None else (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
+    if pad_h or pad_w:
+        image = F.pad(image, (0, pad_w, 0, pad_h))
+    H, W = image.shape[-2:]
+    rows = max(math.ceil((H - ch) / sh), 0) + 1
+    cols = max(math.ceil((W - cw) / sw), 0) + 1
+    total = count = None
+    for i in range(rows):
+        for j in range(cols):
+            y0, x0 = min(i * sh, H - ch), min(j * sw, W - cw)
+            logits = _logits(model, image[:, :, y0:y0 + ch, x0:x0 + cw])
+            if total is None:
+                total = logits.new_zeros(b, num_classes or logits.shape[1], H, W)
+                count = logits.new_zeros(1, 1, H, W)
+            total[:, :, y0:y0 + ch, x0:x0 + cw] += logits
+            count[:, :, y0:y0 + ch, x0:x0 + cw] += 1
+    return (total / count)[:, :, :h, :w]
 
 
-def predict_images(cfg: DictConfig) -> list[Path]:
-    """``predict.py``: colour-coded prediction, overlay and confidence map of every input image."""
-    import glob
+@torch.no_grad()
+def predict_probs(model: nn.Module, image: torch.Tensor, mode: str = "whole", crop_size: Sequence[int] | None = None,
+                  stride: Sequence[int] | None = None, flip: bool = False,
+                  scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """Softmax probabilities ``(B, C, H, W)`` at the input size.
 
-    import cv2
-    import matplotlib
+    Args:
+        mode: ``whole`` (one forward pass) or ``slide`` (windows of ``crop_size``).
+        flip: also run the horizontally flipped image.
+        scales: image scales of multi-scale testing. Probabilities of all scales and flips are averaged.
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"evaluation mode must be 'whole' or 'slide', got '{mode}'")
+    if mode == "slide" and crop_size is None:
+        raise ValueError("sliding-window evaluation needs a crop_size")
+    size = image.shape[-2:]
+    probs, n = None, 0
+    for scale in scales:
+        x = image if scale == 1.0 else F.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            xi = x.flip(-1) if flipped else x
+            logits = slide_logits(model, xi, crop_size, stride) if mode == "slide" else _logits(model, xi)
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            p = logits.float().softmax(1)
+            probs = p if probs is None else probs + p
+            n += 1
+    return probs / n
 
-    from segjml.data.errors import DataError
-    from segjml.data.folder import read_image
-    from segjml.data.transforms import val_transform
-    from segjml.engine.evaluator import predict_probs
 
-    device = resolve_device(cfg.device)
-    model, state = load_trained(cfg.ckpt, device)
-    run_cfg = OmegaConf.create(state.get("config") or {})
-    source = Path(str(cfg.inputs))
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
-        if source.is_dir() else sorted(Path(p) for p in glob.glob(str(cfg.inputs)))
-    if not files:
-        raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
-    data_cfg = run_cfg.dataset
-    palette = torch.tensor(dataset_palette(data_cfg), dtype=torch.uint8)
-    transform = val_transform(data_cfg.mean, data_cfg.std)
-    colormap = matplotlib.colormaps["viridis"]
-    out_dir = Path(cfg.paths.output_dir)
-    written = []
-    for path in files:
-        image = read_image(path)
-        x = torch.from_numpy(transform(image=image)["image"]).permute(2, 0, 1)[None].float().to(device)
-        probs = predict_probs(model, x, cfg.mode, data_cfg.crop_size, flip=cfg.flip, scales=cfg.scales)[0].cpu()
-        conf, pred = probs.max(0)
-        colour = palette[pred].numpy()
-        overlay = (cfg.overlay_alpha * colour + (1 - cfg.overlay_alpha) * image).round().astype("uint8")
-        confidence = (colormap(conf.numpy())[..., :3] * 255).round().astype("uint8")
-        for suffix, array in (("pred", colour), ("overlay", overlay), ("conf", confidence)):
-            target = out_dir / f"{path.stem}_{suffix}.png"
-            cv2.imwrite(str(target), cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
-            written.append(target)
-    print(f"wrote predictions of {len(files)} images to {out_dir}")
-    return written
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    metrics: SegmentationMetrics,
+    device: torch.device,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    output_dir: str | Path | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+) -> dict:
+    """Run the model over ``loader`` and return ``metrics.compute()``; the model's train/eval mode is restored.
+
+    With ``output_dir``, also print the per-class table and write ``metrics.json`` and ``reliability.png`` there.
+    """
+    was_training = model.training
+    model.eval()
+    metrics.reset()
+    metrics.to(device)
+    for image, target in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            probs = predict_probs(model, image, mode, crop_size, stride, flip, scales)
+        metrics.update(probs, target)
+    result = metrics.compute()
+    model.train(was_training)
+    if output_dir is not None:
+        write_report(result, metrics, output_dir, class_names, title)
+    return result
+
+
+def write_report(result: dict, metrics: SegmentationMetrics, output_dir: str | Path,
+                 class_names: Sequence[str] | None = None, title: str = "") -> None:
+    """Print the per-class table; write ``metrics.json`` and ``reliability.png`` to ``output_dir``."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
+    print(format_table(result, names))
+    write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")
+    reliability_diagram(metrics.reliability(), Path(output_dir) / "reliability.png",
+                        title=f"{title}: reliability".strip(": "))

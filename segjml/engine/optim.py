@@ -1,4 +1,8 @@
-"""Optimiser parameter groups and the poly learning-rate schedule with linear warmup (``REFERENCE.md`` section 5)."""
+"""Optimiser parameter groups and the poly learning-rate schedule with linear warmup.
+
+The recipe (encoder at lr, decoder and heads at 10x, no weight decay on 1-d parameters, poly power, warmup) is
+described in ``docs/training.md``, section "Learning-rate schedule".
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,65 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from segjml.models.segmentation_model import check_model_interface
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0,
                  no_decay_1d: bool = True) -> list[dict]:
     """Split parameters into backbone / head groups, each with and without weight decay.
 
-    The encoder (``model.encoder``) trains at ``lr``; decoder and heads at ``head_lr_mult * lr``. With
-    ``no_decay_1d``, 1-d parameters (norm weights, biases) get no weight decay. Every trainable parameter is in
-    exactly one group. Each group stores its ``lr_mult`` so the scheduler can scale it.
+    ``model`` must follow segjml's model interface (:class:`segjml.models.SegmentationModel`; wrappers such as DDP
+    are looked through): ``model.encoder_parameters()`` train at ``lr``, ``model.head_parameters()`` (decoder and
+    heads) at ``head_lr_mult * lr``. With ``no_decay_1d``, 1-d parameters (norm weights, biases) get no weight decay.
+    Every trainable parameter is in exactly one group; the groups come in the order ``head``, ``head_no_decay``,
+    ``encoder``, ``encoder_no_decay`` (empty ones left out), parameters in ``model.parameters()`` order. Each group
+    stores its ``lr_mult`` so the scheduler can scale it, and its ``name``.
+
+    Raises:
+        ValueError: (one line) the model does not follow the interface, or its two parameter lists do not split its
+            trainable parameters.
     """
-    encoder_ids = {id(p) for p in model.encoder.parameters()} if hasattr(model, "encoder") else set()
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        key = (id(p) in encoder_ids, no_decay_1d and p.ndim <= 1)
-        buckets.setdefault(key, []).append(p)
+    model = unwrap_model(model)
+    check_model_interface(model)
+    parts = {"head": _trainable(model.head_parameters()), "encoder": _trainable(model.encoder_parameters())}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head, encoder = ({id(p) for p in ps} for ps in parts.values())
+    both, neither, foreign = head & encoder, trainable - head - encoder, (head | encoder) - trainable
+    if both or neither or foreign:
+        raise ValueError(
+            f"model {type(model).__name__}: encoder_parameters() and head_parameters() must split its "
+            f"{len(trainable)} trainable parameters, but {len(both)} are in both, {len(neither)} in neither and "
+            f"{len(foreign)} are not trainable parameters of the model"
+        )
     groups = []
-    for (is_encoder, no_decay), params in sorted(buckets.items()):
-        mult = 1.0 if is_encoder else head_lr_mult
-        groups.append({"params": params, "lr": lr * mult, "lr_mult": mult,
-                       "weight_decay": 0.0 if no_decay else weight_decay,
-                       "name": f"{'encoder' if is_encoder else 'head'}{'_no_decay' if no_decay else ''}"})
+    for part, mult in (("head", head_lr_mult), ("encoder", 1.0)):
+        for no_decay in (False, True):
+            params = [p for p in parts[part] if (no_decay_1d and p.ndim <= 1) == no_decay]
+            if params:
+                groups.append({"params": params, "lr": lr * mult, "lr_mult": mult,
+                               "weight_decay": 0.0 if no_decay else weight_decay,
+                               "name": f"{part}{'_no_decay' if no_decay else ''}"})
     return groups
 
 
@@ -45,6 +86,11 @@ def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optim
 
 class PolyLR(torch.optim.lr_scheduler.LambdaLR):
     """``lr = base * (1 - it / max_iters) ** power`` after a linear warmup from ``warmup_start_lr``.
+
+    During the first ``round(warmup_ratio * max_iters)`` iterations the poly-decayed rate is multiplied by a factor
+    rising linearly from ``warmup_start_lr * lr_mult / base`` (capped at 1) to 1, so iteration 0 runs at
+    ``warmup_start_lr * lr_mult``. After the warmup the rate is at least ``min_lr``, and ``min_lr`` from
+    ``max_iters`` on.
 
     Args:
         optimizer: the optimiser (its groups' initial ``lr`` are the base rates).
@@ -74,7 +120,3 @@ class PolyLR(torch.optim.lr_scheduler.LambdaLR):
             return value
 
         return f
-
-
-def count_parameters(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)

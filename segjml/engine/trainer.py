@@ -40,7 +40,7 @@ from segjml.engine.checkpoint import (
     save_atomic,
 )
 from segjml.engine.distillation import build_teacher, teacher_logits
-from segjml.engine.evaluator import evaluate, write_report
+from segjml.engine.inference import evaluate, write_report
 from segjml.engine.logger import RunLogger
 from segjml.engine.optim import build_optimizer
 from segjml.metrics import SegmentationMetrics
@@ -137,11 +137,20 @@ class TrainState:
     skipped: dict[str, int] = field(default_factory=lambda: {"amp": 0, "nonfinite": 0})
 
 
+def check_trainer_config(tcfg: DictConfig) -> None:
+    """Refuse loop settings that would fail later, in one line naming the value (types are checked by Hydra)."""
+    for key in ("max_iters", "batch_size", "val_batch_size", "accumulate_steps", "log_interval", "eval_interval",
+                "ckpt_interval"):
+        if tcfg[key] < 1:
+            raise ValueError(f"trainer.{key}={tcfg[key]} must be >= 1")
+    if tcfg.precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision={tcfg.precision} is not one of {', '.join(PRECISIONS)}")
+
+
 def build_run(cfg: DictConfig) -> Run:
     """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics."""
     tcfg = cfg.trainer
-    if tcfg.accumulate_steps < 1:
-        raise ValueError(f"trainer.accumulate_steps={tcfg.accumulate_steps} must be >= 1")
+    check_trainer_config(tcfg)
     dist, device = D.init_distributed(tcfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)

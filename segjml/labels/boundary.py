@@ -1,4 +1,4 @@
-"""Boundary map of an integer label map (paper section 2.4.1; ``shared/spec/REFERENCE.md`` section 2).
+"""Boundary map of an integer label map (paper section 2.4.1; ``docs/losses.md``).
 
 Pixel ``i`` is a boundary pixel if some pixel ``j`` in its ``k x k`` neighbourhood has ``y_j != y_i``. Ignored pixels
 are never boundary pixels, and an ignored neighbour does not make a pixel boundary. The map is computed with two

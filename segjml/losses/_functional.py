@@ -44,12 +44,12 @@ def class_statistics(
     need_max: str | None = None,
     need_inner: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Per-image, per-class sums over kept pixels, each ``(B, C)``.
+    """Per-image, per-class sums over kept pixels for a smoothed or soft target, each ``(B, C)``.
 
     Returns ``sx = sum x``, ``sy = sum y``, ``inner = <x, y>``, ``diff = |x - y|_1``; with ``need_squares``
     also ``sx2 = |x|_2^2`` and ``sy2 = |y|_2^2``; with ``need_max`` in ``LABEL``, ``PROB``, ``BOTH`` the matching
-    per-class maximum (``ymax``, ``xmax`` or ``xymax``, no gradient). ``need_inner=False`` skips ``<x, y>`` for soft
-    targets (JML-1 does not use it; for hard labels it is always computed, ``diff`` is derived from it).
+    per-class maximum (``ymax``, ``xmax`` or ``xymax``, no gradient). ``need_inner=False`` skips ``<x, y>`` (JML-1
+    does not use it). Hard labels go through :func:`hard_statistics`, which fuses the softmax.
     """
     b, c = probs.shape[:2]
     keepf = keep.to(probs.dtype)
@@ -58,46 +58,31 @@ def class_statistics(
     if need_squares:
         stats["sx2"] = torch.einsum("bchw,bhw->bc", probs * probs, keepf)
 
-    if isinstance(target, SmoothedLabels) or not target.is_floating_point():
-        # y_ic = a_i + (1 - e_i)[l_i = c] with a_i = e_i / C (a = e = 0 for hard labels).
-        smoothed = isinstance(target, SmoothedLabels)
-        labels = target.labels if smoothed else target
-        labels = torch.where(keep, labels, 0)
+    if isinstance(target, SmoothedLabels):
+        # y_ic = a_i + (1 - e_i)[l_i = c] with a_i = e_i / C.
+        labels = torch.where(keep, target.labels, 0)
         x_lab = probs.gather(1, labels[:, None])[:, 0] * keepf
-        if smoothed:
-            e = target.eps.to(probs.dtype) * keepf
-            a = e / c
-            w = (1 - e) * keepf
-            stats["sy"] = a.sum((1, 2))[:, None] + _scatter_bc(w, labels, c)
-            if need_inner:
-                stats["inner"] = torch.einsum("bchw,bhw->bc", probs, a) + _scatter_bc(w * x_lab, labels, c)
-            off = torch.einsum("bchw,bhw->bc", (probs - a[:, None]).abs(), keepf)
-            fix = ((x_lab - a - w).abs() - (x_lab - a).abs()) * keepf
-            stats["diff"] = off + _scatter_bc(fix, labels, c)
-            if need_squares:
-                stats["sy2"] = (a * a).sum((1, 2))[:, None] + _scatter_bc(((a + w) ** 2 - a * a) * keepf, labels, c)
-        else:
-            count = _scatter_bc(keepf, labels, c)
-            inner = _scatter_bc(x_lab, labels, c)
-            stats.update(sy=count, inner=inner, diff=sx + count - 2 * inner)
-            if need_squares:
-                stats["sy2"] = count
+        e = target.eps.to(probs.dtype) * keepf
+        a = e / c
+        w = (1 - e) * keepf
+        stats["sy"] = a.sum((1, 2))[:, None] + _scatter_bc(w, labels, c)
+        if need_inner:
+            stats["inner"] = torch.einsum("bchw,bhw->bc", probs, a) + _scatter_bc(w * x_lab, labels, c)
+        off = torch.einsum("bchw,bhw->bc", (probs - a[:, None]).abs(), keepf)
+        fix = ((x_lab - a - w).abs() - (x_lab - a).abs()) * keepf
+        stats["diff"] = off + _scatter_bc(fix, labels, c)
+        if need_squares:
+            stats["sy2"] = (a * a).sum((1, 2))[:, None] + _scatter_bc(((a + w) ** 2 - a * a) * keepf, labels, c)
         if need_max is not None:
             with torch.no_grad():
                 if need_max in ("LABEL", "BOTH"):
-                    top = (a + w) if smoothed else keepf
-                    ymax = probs.new_zeros(b, c).scatter_reduce(1, labels.reshape(b, -1), top.reshape(b, -1), "amax")
-                    if smoothed:
-                        ymax = torch.maximum(ymax, a.amax((1, 2))[:, None].expand(b, c))
-                    stats["ymax"] = ymax
+                    top = (a + w).reshape(b, -1)
+                    ymax = probs.new_zeros(b, c).scatter_reduce(1, labels.reshape(b, -1), top, "amax")
+                    stats["ymax"] = torch.maximum(ymax, a.amax((1, 2))[:, None].expand(b, c))
                 if need_max in ("PROB", "BOTH"):
                     stats["xmax"] = (probs * keepf[:, None]).amax((2, 3))
                 if need_max == "BOTH":
-                    if smoothed:
-                        stats["xymax"] = ((probs + target.to_dense()) * keepf[:, None]).amax((2, 3))
-                    else:
-                        # a present class has max(x + y) >= 1 > threshold; an absent one has max(x + y) = max(x).
-                        stats["xymax"] = torch.maximum(stats["xmax"], stats["ymax"])
+                    stats["xymax"] = ((probs + target.to_dense()) * keepf[:, None]).amax((2, 3))
     else:
         y = target.to(probs.dtype)
         stats["sy"] = torch.einsum("bchw,bhw->bc", y, keepf)
@@ -199,7 +184,7 @@ def jaccard_from_statistics(
     gamma: float = 1.0,
     log_loss: bool = False,
 ) -> torch.Tensor:
-    """Per-class loss from statistics (any leading shape), in the Tversky form of ``REFERENCE.md`` section 1.
+    """Per-class loss from statistics (any leading shape), in the Tversky form of ``docs/losses.md``.
 
     ``tp`` is ``(|x|_1 + |y|_1 - |x - y|_1) / 2`` for JML-1 (eq. 7) and ``<x, y>`` for JML-2 (eq. 8) and SJL (eq. 2,
     3). The JMLs split the symmetric difference into ``fp = (|x-y|_1 + |x|_1 - |y|_1) / 2`` and

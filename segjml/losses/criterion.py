@@ -1,7 +1,7 @@
 """The loss mix of the paper: cross-entropy + Jaccard metric loss, on labels, smoothed labels and a teacher.
 
 ``L = lambda_CE * (w_main * CE_main + w_aux * CE(aux)) + lambda_JML * JML_main`` (paper eq. 10, recipe in
-``REFERENCE.md`` section 1), where with a teacher (eq. 11-13)
+``docs/losses.md``), where with a teacher (eq. 11-13)
 ``CE_main = mu_L * CE(S, L) + mu_T * CE(S, T)`` and ``JML_main = nu_L * JML(S, L) + nu_T * JML(S, T)``.
 ``L`` is the hard label or its boundary-smoothed version; ``T`` the teacher's probabilities at temperature ``tau``.
 """
@@ -68,9 +68,11 @@ class SegmentationCriterion(nn.Module):
         num_classes: ``C``.
         ignore_index: ignored label value.
         ce_weight: ``lambda_CE`` (0.25 with JML, 1.0 for CE-only baselines).
-        jml_weight: ``lambda_JML`` (0.75 with JML, 0.0 for CE-only baselines).
+        jml_weight: ``lambda_JML`` (0.75 with JML, 0.0 for CE-only baselines); 0 with ``iou_loss: lovasz``.
+        lovasz_weight: weight of the Lovasz-Softmax term, used (only) with ``iou_loss: lovasz``.
         main_weight, aux_weight: CE weights of the main and auxiliary heads (0.5 / 0.5).
-        iou_loss: ``jml`` (:class:`JaccardMetricLoss`, the variant set in ``jml``) or ``lovasz``.
+        iou_loss: ``jml`` (:class:`JaccardMetricLoss`, the variant set in ``jml``, weighted by ``jml_weight``) or
+            ``lovasz`` (:class:`LovaszSoftmaxLoss`, weighted by ``lovasz_weight``).
         jml: keyword arguments of :class:`JaccardMetricLoss`.
         bls: ``{kernel_size, eps, strict_ignore}`` for boundary label smoothing of the label target
             (``kernel_size: inf`` = plain label smoothing), or ``None``.
@@ -90,17 +92,31 @@ class SegmentationCriterion(nn.Module):
         jml: Mapping[str, Any] | None = None,
         bls: Mapping[str, Any] | None = None,
         kd: Mapping[str, Any] | None = None,
+        lovasz_weight: float = 0.0,
     ) -> None:
         super().__init__()
         # every user-facing value is checked here, before any loss is built, and named by its config key
-        for key, value in (("ce_weight", ce_weight), ("jml_weight", jml_weight), ("main_weight", main_weight),
-                           ("aux_weight", aux_weight)):
+        for key, value in (("ce_weight", ce_weight), ("jml_weight", jml_weight), ("lovasz_weight", lovasz_weight),
+                           ("main_weight", main_weight), ("aux_weight", aux_weight)):
             _check_weight(f"loss.{key}", value)
-        if ce_weight == 0 and jml_weight == 0:
-            raise ValueError("loss.ce_weight and loss.jml_weight are both 0: nothing would be trained; set "
-                             "loss.ce_weight > 0 (cross-entropy) and/or loss.jml_weight > 0 (Jaccard metric loss)")
+        # each IoU loss has its own weight, so a preset never weights one loss under the other's name
+        if iou_loss == "lovasz" and jml_weight != 0:
+            raise ValueError(f"loss.jml_weight={jml_weight} weights the Jaccard metric loss, unused with "
+                             "loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight and set "
+                             "loss.jml_weight=0 (or use loss=lovasz)")
+        if iou_loss == "jml" and lovasz_weight != 0:
+            raise ValueError(f"loss.lovasz_weight={lovasz_weight} is only used with loss.iou_loss=lovasz; weight the "
+                             "Jaccard metric loss with loss.jml_weight")
+        if iou_loss == "lovasz":
+            iou_key, iou_weight, iou_name = "lovasz_weight", lovasz_weight, "Lovasz-Softmax loss"
+        else:
+            iou_key, iou_weight, iou_name = "jml_weight", jml_weight, "Jaccard metric loss"
+        if ce_weight == 0 and iou_weight == 0:
+            raise ValueError(f"loss.ce_weight and loss.{iou_key} are both 0: nothing would be trained; set "
+                             f"loss.ce_weight > 0 (cross-entropy) and/or loss.{iou_key} > 0 ({iou_name})")
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.ce_weight, self.jml_weight = ce_weight, jml_weight
+        self.ce_weight, self.jml_weight, self.lovasz_weight = ce_weight, jml_weight, lovasz_weight
+        self.iou_weight = iou_weight  # the weight of the IoU term, whichever loss it is
         self.main_weight, self.aux_weight = main_weight, aux_weight
         self.bls = dict(bls) if bls else None
         if self.bls is not None:
@@ -158,12 +174,12 @@ class SegmentationCriterion(nn.Module):
             terms["ce_aux"] = self.ce(outputs["aux"], label)
             ce_total = self.main_weight * ce_main + self.aux_weight * terms["ce_aux"]
         total = self.ce_weight * ce_total
-        if self.jml_weight:
+        if self.iou_weight:
             terms["iou"] = self.iou(main, label)
             iou_main = terms["iou"]
             if self.kd is not None:
                 terms["iou_teacher"] = self.iou_teacher(main, soft, keep)
                 iou_main = self.kd["jml_label"] * iou_main + self.kd["jml_teacher"] * terms["iou_teacher"]
-            total = total + self.jml_weight * iou_main
+            total = total + self.iou_weight * iou_main
         terms["total"] = total
         return terms

@@ -4,12 +4,11 @@ Table 9 value, the difference, and GFLOPs at 512x1024 (``--flops``, counted with
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from segjml.config import CONFIG_DIR
+from segjml.config import CONFIG_DIR, compose
 from segjml.models import build_model
 
 TABLE9 = {
@@ -19,10 +18,11 @@ TABLE9 = {
 }
 
 
-def preset_kwargs(path: Path, num_classes: int) -> dict:
-    cfg = OmegaConf.load(path)
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if not k.startswith("_")}
-    kwargs.update(num_classes=num_classes, pretrained=False, pretrained_path=None)
+def preset_kwargs(name: str, num_classes: int) -> dict:
+    """The keyword arguments of :func:`build_model` that ``model=<name>`` composes to (random init)."""
+    node = compose([f"model={name}", "pretrained=false"]).model
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    kwargs.update(num_classes=num_classes, pretrained_path=None)
     return kwargs
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     print(header + (f" {'GFLOPs':>8}" if args.flops else ""))
     print("-" * (len(header) + (9 if args.flops else 0)))
     for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
-        kwargs = preset_kwargs(path, args.classes)
+        kwargs = preset_kwargs(path.stem, args.classes)
         model = build_model(**kwargs)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         paper = TABLE9.get(path.stem)

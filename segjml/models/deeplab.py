@@ -2,7 +2,7 @@
 
 DeepLabV3: Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation", 2017.
 DeepLabV3+: Chen et al., "Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation",
-ECCV 2018. Layouts follow the JML paper's Table 9 (see ``shared/spec/REFERENCE.md`` section 4).
+ECCV 2018. Layouts follow the JML paper's Table 9.
 """
 
 from __future__ import annotations
@@ -41,9 +41,18 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Decoder(nn.Module):
-    """ASPP on the deepest feature map, then a 3x3 ConvBNReLU bottleneck to ``channels``."""
+    """ASPP on the deepest feature map, then a 3x3 ConvBNReLU bottleneck to ``channels``.
 
-    def __init__(self, in_channels: Sequence[int], channels: int, rates: Sequence[int] = (12, 24, 36)) -> None:
+    Args:
+        in_channels: channels of every encoder feature map, shallow to deep (only the deepest is used).
+        reductions: stride of every feature map (unused; part of the common decoder signature).
+        channels: width of the ASPP branches and the bottleneck.
+        rates: dilation rates of the three atrous 3x3 branches.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], reductions: Sequence[int], channels: int, rates: Sequence[int] = (12, 24, 36)
+    ) -> None:
         super().__init__()
         self.aspp = ASPP(in_channels[-1], channels, rates)
         self.bottleneck = ConvBNReLU(self.aspp.out_channels, channels, 3)
@@ -60,6 +69,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         in_channels: channels of every encoder feature map, shallow to deep.
         reductions: stride of every feature map; the shortcut is the first map at stride 4.
         channels: width of the ASPP branches, the bottleneck and the fusion convs.
+        rates: dilation rates of the three separable atrous 3x3 branches.
         shortcut_channels: width of the stride-4 projection.
     """
 

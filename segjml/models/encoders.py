@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segjml.utils.files import read_tensors
+
 MIT_ENCODERS = tuple(f"mit_b{i}" for i in range(6))
 
 
@@ -117,11 +119,11 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise PretrainedWeightsError(f"model.pretrained_path={path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = read_tensors(path)
+    except Exception as err:  # not a weights file, or one that cannot be read safely
+        raise PretrainedWeightsError(f"model.pretrained_path={path} is not a weights file that can be read safely "
+                                     f"({type(err).__name__}); give a .pth / .safetensors state dict") from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -169,6 +171,12 @@ class TimmEncoder(nn.Module):
                 if missing:
                     raise PretrainedWeightsError(
                         f"{pretrained_path} lacks {len(missing)} weights of '{name}', e.g. {sorted(missing)[0]}"
+                    )
+                wrong = [k for k, v in matched.items() if tuple(v.shape) != tuple(own[k].shape)]
+                if wrong:
+                    raise PretrainedWeightsError(
+                        f"{pretrained_path} does not fit timm model '{name}': tensor '{wrong[0]}' has shape "
+                        f"{tuple(matched[wrong[0]].shape)} in the file but {tuple(own[wrong[0]].shape)} in the model"
                     )
                 self.body.load_state_dict(matched, strict=True)
         self.out_channels: list[int] = list(self.body.feature_info.channels())

@@ -12,9 +12,18 @@ from segjml.models.layers import ConvBNReLU
 
 
 class PSPDecoder(nn.Module):
-    """Pyramid pooling (bins 1, 2, 3, 6; a 1x1 ConvBNReLU each) concatenated with the input, 3x3 bottleneck."""
+    """Pyramid pooling (bins 1, 2, 3, 6; a 1x1 ConvBNReLU each) concatenated with the input, 3x3 bottleneck.
 
-    def __init__(self, in_channels: Sequence[int], channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
+    Args:
+        in_channels: channels of every encoder feature map, shallow to deep (only the deepest is used).
+        reductions: stride of every feature map (unused; part of the common decoder signature).
+        channels: width of every pooling branch and of the bottleneck.
+        bins: output sizes of the adaptive average pools.
+    """
+
+    def __init__(
+        self, in_channels: Sequence[int], reductions: Sequence[int], channels: int, bins: Sequence[int] = (1, 2, 3, 6)
+    ) -> None:
         super().__init__()
         in_ch = in_channels[-1]
         self.bins = tuple(bins)

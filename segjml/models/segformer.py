@@ -13,9 +13,15 @@ from segjml.models.layers import ConvBNReLU
 
 
 class SegFormerDecoder(nn.Module):
-    """A 1x1 ConvBNReLU per stage to ``channels``, upsampled to the shallowest stage, concatenated, 1x1 fusion."""
+    """A 1x1 ConvBNReLU per stage to ``channels``, upsampled to the shallowest stage, concatenated, 1x1 fusion.
 
-    def __init__(self, in_channels: Sequence[int], channels: int) -> None:
+    Args:
+        in_channels: channels of every encoder feature map, shallow to deep (the last four are used).
+        reductions: stride of every feature map (unused; part of the common decoder signature).
+        channels: width of the projections and of the fusion conv.
+    """
+
+    def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], channels: int) -> None:
         super().__init__()
         self.projections = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels[-4:]])
         self.fuse = ConvBNReLU(channels * len(self.projections), channels, 1)

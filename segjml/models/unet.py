@@ -23,6 +23,11 @@ class UNetDecoder(nn.Module):
 
     The deepest map (stride 32) is upsampled five times back to stride 1; a block whose stride has no encoder map
     (stride 1) takes no skip.
+
+    Args:
+        in_channels: channels of every encoder feature map, shallow to deep.
+        reductions: stride of every feature map; they place the skips.
+        channels: base width (the last block's width).
     """
 
     def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], channels: int) -> None:

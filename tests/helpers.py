@@ -1,0 +1,21 @@
+"""Helpers shared by the tests: where the checkout is, and composing configs exactly as ``train.py`` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from segjml.config import CONFIG_DIR, compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose ``configs/train.yaml`` with ``overrides`` as ``train.py`` would, output in ``output_dir``."""
+    return compose(overrides, output_dir=output_dir)
+
+
+def group_options(group: str) -> list[str]:
+    """Every option (file stem) of a config group."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
