@@ -22,8 +22,9 @@ from segjml.reproduce.tables import build_tables  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tables", default="all")
     parser.add_argument("--log-dir", default=None, help="where runs live (default: outputs, or outputs/smoke)")
     parser.add_argument("--out", default=None, help="output folder (default: <log_dir>/reproduce/tables)")

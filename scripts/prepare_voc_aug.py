@@ -46,8 +46,9 @@ def sbd_label(path: Path) -> np.ndarray:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voc-root", type=Path, required=True, help="VOCdevkit/VOC2012")
-    parser.add_argument("--sbd-root", type=Path, required=True,
-                        help="SBD's dataset/ directory (cls/, train.txt, val.txt)")
+    parser.add_argument(
+        "--sbd-root", type=Path, required=True, help="SBD's dataset/ directory (cls/, train.txt, val.txt)"
+    )
     parser.add_argument("--expected-count", type=int, default=10582, help="images expected in train_aug (0: no check)")
     args = parser.parse_args()
     sets = args.voc_root / "ImageSets" / "Segmentation"

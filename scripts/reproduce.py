@@ -26,11 +26,15 @@ from segjml.reproduce.grid import PAPER_RESULTS, SMOKE_RESULTS, GridError, build
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--tables", default="all", help="comma list of tables / figures (1,2,...,15,fig4,fig5) or all")
-    parser.add_argument("--launcher", default="local",
-                        help="local (one process per run), inprocess, or a Hydra launcher (submitit_slurm, ...)")
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        help="local (one process per run), inprocess, or a Hydra launcher (submitit_slurm, ...)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list every run and its command line; train nothing")
     parser.add_argument("--smoke", action="store_true", help="the synthetic-data smoke grid (CPU, minutes)")
     parser.add_argument("--log-dir", default=None, help="where runs live (default: outputs, or outputs/smoke)")

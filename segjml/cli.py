@@ -33,8 +33,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from segjml.engine.distillation import TeacherError
     from segjml.models import PretrainedWeightsError
 
-    return (UserError, DataError, CheckpointError, PretrainedWeightsError, TeacherError, FloatingPointError, ValueError,
-            MissingMandatoryValue)
+    return (
+        UserError,
+        DataError,
+        CheckpointError,
+        PretrainedWeightsError,
+        TeacherError,
+        FloatingPointError,
+        ValueError,
+        MissingMandatoryValue,
+    )
 
 
 def one_line(err: BaseException) -> str:

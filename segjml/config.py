@@ -23,8 +23,9 @@ def run_name(experiment: str | None, dataset: str, model: str, loss: str) -> str
     return str(experiment) if experiment else f"{dataset}_{model}_{loss}"
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train",
-            output_dir: str | Path | None = None) -> DictConfig:
+def compose(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "train", output_dir: str | Path | None = None
+) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with ``overrides`` as the command line would, outside a Hydra app.
 
     ``${hydra:...}`` values (the run name, the run directory) are resolved here, so the returned config no longer

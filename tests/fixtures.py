@@ -30,13 +30,21 @@ def write_cityscapes(root: Path, sizes=(("train", 3), ("val", 2)), h: int = 32, 
             stem = f"{city}_{i:06d}_000019"
             _save(_image(rng, h, w), root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             raw = (np.arange(w)[None, :].repeat(h, 0) + i) % 34
-            _save(Image.fromarray(raw.astype(np.uint8), mode="L"),
-                  root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
+            _save(
+                Image.fromarray(raw.astype(np.uint8), mode="L"),
+                root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png",
+            )
     return root
 
 
-def write_voc(root: Path, train=("2007_000032", "2007_000039"), val=("2007_000033",), sbd_extra=("2008_000002",),
-              h: int = 24, w: int = 32) -> tuple[Path, Path]:
+def write_voc(
+    root: Path,
+    train=("2007_000032", "2007_000039"),
+    val=("2007_000033",),
+    sbd_extra=("2008_000002",),
+    h: int = 24,
+    w: int = 32,
+) -> tuple[Path, Path]:
     """VOCdevkit/VOC2012 with palette PNG labels, and an SBD dataset/ directory with cls/*.mat."""
     rng = np.random.default_rng(1)
     voc = root / "VOCdevkit" / "VOC2012"
@@ -75,8 +83,7 @@ def write_ade20k(root: Path, sizes=(("training", 3), ("validation", 2)), h: int 
     return root
 
 
-DEEPGLOBE_COLOURS = [(0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255),
-                     (0, 0, 0)]
+DEEPGLOBE_COLOURS = [(0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)]
 
 
 def write_deepglobe(root: Path, n: int = 6, h: int = 16, w: int = 21) -> Path:

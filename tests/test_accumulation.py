@@ -9,8 +9,17 @@ from tests.helpers import compose_config
 
 
 def _run(tmp_path, loss, extra=()):
-    cfg = compose_config(["debug=fast", f"loss={loss}", "optimizer.lr=0.0", "optimizer.weight_decay=0.0",
-                          "trainer.batch_size=8", *extra], tmp_path)
+    cfg = compose_config(
+        [
+            "debug=fast",
+            f"loss={loss}",
+            "optimizer.lr=0.0",
+            "optimizer.weight_decay=0.0",
+            "trainer.batch_size=8",
+            *extra,
+        ],
+        tmp_path,
+    )
     run = build_run(cfg)
     run.model.train()  # training mode: the auxiliary head is on
     for m in run.model.modules():
@@ -38,11 +47,14 @@ def _step(run, micro):
     return terms, grads
 
 
-@pytest.mark.parametrize("loss,extra", [
-    ("ce_jml", ()),
-    ("ce_jml_bls", ()),
-    ("ce_jml", ("loss.jml.miou_d=0.5", "loss.jml.miou_i=0.25", "loss.jml.miou_c=0.25")),
-])
+@pytest.mark.parametrize(
+    "loss,extra",
+    [
+        ("ce_jml", ()),
+        ("ce_jml_bls", ()),
+        ("ce_jml", ("loss.jml.miou_d=0.5", "loss.jml.miou_i=0.25", "loss.jml.miou_c=0.25")),
+    ],
+)
 def test_two_micro_batches_of_four_give_the_loss_and_gradient_of_one_batch_of_eight(tmp_path, loss, extra):
     torch.manual_seed(0)
     run = _run(tmp_path, loss, extra)
@@ -92,8 +104,7 @@ def test_the_gradient_pass_replays_the_dropout_masks_of_the_loss_pass(tmp_path):
 
 def test_batchnorm_running_statistics_are_updated_once_per_micro_batch(tmp_path):
     torch.manual_seed(0)
-    cfg = compose_config(["debug=fast", "loss=ce_jml", "trainer.batch_size=4", "trainer.accumulate_steps=2"],
-                         tmp_path)
+    cfg = compose_config(["debug=fast", "loss=ce_jml", "trainer.batch_size=4", "trainer.accumulate_steps=2"], tmp_path)
     run = build_run(cfg)
     run.model.train()
     bns = [m for m in run.model.modules() if isinstance(m, _BatchNorm)]

@@ -51,6 +51,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 # ------------------------------------------------------------------------------------------------ permissions
 
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_checkpoint_mode_follows_the_umask(tmp_path, umask, mode):
     path = tmp_path / "last.pt"
@@ -77,6 +78,7 @@ def test_overwrite_replaces_the_content(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- full disk
 
+
 def _previous(tmp_path):
     path = tmp_path / "ckpts" / "last.pt"
     save_atomic({"model": {"w": torch.arange(5.0)}, "iteration": 1}, path)
@@ -98,8 +100,10 @@ def test_full_disk_detected_before_writing(tmp_path, monkeypatch):
         save_atomic(obj, path)
     text = _one_line(err)
     needed = _size_needed(obj) / 2**20
-    assert text == (f"cannot write checkpoint {path}: disk full (needs about {needed:.1f} MB, 0.0 MB free on "
-                    f"{path.parent}); free space or set paths.log_dir=<another disk>")
+    assert text == (
+        f"cannot write checkpoint {path}: disk full (needs about {needed:.1f} MB, 0.0 MB free on "
+        f"{path.parent}); free space or set paths.log_dir=<another disk>"
+    )
     assert 3.0 <= needed < 3.1
     assert path.read_bytes() == before
     assert _leftovers(path.parent) == []
@@ -125,10 +129,14 @@ class _FullDiskFile:
         return getattr(self.f, name)
 
 
-@pytest.mark.parametrize("exc", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: No space left on device"),
-], ids=["oserror", "torch-runtimeerror"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: No space left on device"),
+    ],
+    ids=["oserror", "torch-runtimeerror"],
+)
 def test_full_disk_while_writing_keeps_the_previous_file(tmp_path, monkeypatch, exc):
     path, before = _previous(tmp_path)
     real_fdopen = os.fdopen
@@ -157,10 +165,13 @@ def test_torch_write_error_with_space_left_is_not_called_a_full_disk(tmp_path, m
     assert path.read_bytes() == before and _leftovers(path.parent) == []
 
 
-@pytest.mark.parametrize(("code", "advice"), [
-    (errno.EACCES, "writable for this user"),
-    (errno.EROFS, "read-only file system"),
-])
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [
+        (errno.EACCES, "writable for this user"),
+        (errno.EROFS, "read-only file system"),
+    ],
+)
 def test_other_write_errors_are_one_line_with_advice(tmp_path, monkeypatch, code, advice):
     path, before = _previous(tmp_path)
 
@@ -179,14 +190,14 @@ def test_other_write_errors_are_one_line_with_advice(tmp_path, monkeypatch, code
 def test_interrupt_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
     path, before = _previous(tmp_path)
     real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen",
-                        lambda fd, *a, **k: _FullDiskFile(real_fdopen(fd, *a, **k), KeyboardInterrupt()))
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDiskFile(real_fdopen(fd, *a, **k), KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         save_atomic(_state(), path)
     assert path.read_bytes() == before and _leftovers(path.parent) == []
 
 
 # ------------------------------------------------------------------------------------------ not a checkpoint
+
 
 class _RunsCode:
     def __reduce__(self):
@@ -220,14 +231,18 @@ def _empty(path):
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize(("make", "cause"), [
-    (_text, "a text file"),
-    (_random_bytes, "unknown binary data"),
-    (_plain_zip, "a zip archive that torch.save did not write"),
-    (_plain_pickle, "a Python pickle that torch.save did not write"),
-    (_code_pickle, "cannot be read safely: loading it would import posix.system"),
-    (_empty, "the file is empty"),
-], ids=["text", "random", "zip", "pickle", "code", "empty"])
+@pytest.mark.parametrize(
+    ("make", "cause"),
+    [
+        (_text, "a text file"),
+        (_random_bytes, "unknown binary data"),
+        (_plain_zip, "a zip archive that torch.save did not write"),
+        (_plain_pickle, "a Python pickle that torch.save did not write"),
+        (_code_pickle, "cannot be read safely: loading it would import posix.system"),
+        (_empty, "the file is empty"),
+    ],
+    ids=["text", "random", "zip", "pickle", "code", "empty"],
+)
 def test_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(tmp_path, make, cause):
     path = tmp_path / "model.pt"
     make(path)
@@ -247,8 +262,10 @@ def test_unsafe_object_inside_a_torch_zip_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     text = _one_line(err)
-    assert text == (f"checkpoint {path} is not a segjml checkpoint (it cannot be read safely: loading it would "
-                    "import argparse.Namespace, which is neither a tensor nor a plain value)")
+    assert text == (
+        f"checkpoint {path} is not a segjml checkpoint (it cannot be read safely: loading it would "
+        "import argparse.Namespace, which is neither a tensor nor a plain value)"
+    )
 
 
 def test_truncated_checkpoint_cannot_be_read(tmp_path):
@@ -283,6 +300,7 @@ def test_old_teacher_checkpoint_without_iteration_or_config_is_accepted(tmp_path
 
 # ---------------------------------------------------------------------------------------------- model weights
 
+
 class _Net(nn.Module):
     def __init__(self, classes: int = 19):
         super().__init__()
@@ -295,10 +313,12 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes():
     weights = _Net(21).state_dict()
     with pytest.raises(CheckpointError) as err:
         load_model_state(_Net(19), weights, "teacher.pt")
-    assert _one_line(err) == ("teacher.pt does not fit the model: tensor 'decoder.head.weight' has shape "
-                              "(21, 8, 1, 1) in the checkpoint but (19, 8, 1, 1) in the model (1 more tensor "
-                              "differs); build the model the checkpoint was trained with (its config is stored in the "
-                              "checkpoint)")
+    assert _one_line(err) == (
+        "teacher.pt does not fit the model: tensor 'decoder.head.weight' has shape "
+        "(21, 8, 1, 1) in the checkpoint but (19, 8, 1, 1) in the model (1 more tensor "
+        "differs); build the model the checkpoint was trained with (its config is stored in the "
+        "checkpoint)"
+    )
 
 
 def test_missing_and_unexpected_tensors_are_named_in_model_order():
@@ -307,12 +327,17 @@ def test_missing_and_unexpected_tensors_are_named_in_model_order():
     weights["aux.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError) as err:
         load_model_state(_Net(), weights, "last.pt")
-    assert _one_line(err).startswith("last.pt does not fit the model: tensor 'decoder.head.bias' of the model is "
-                                     "missing from the checkpoint (1 more tensor differs); build the model")
+    assert _one_line(err).startswith(
+        "last.pt does not fit the model: tensor 'decoder.head.bias' of the model is "
+        "missing from the checkpoint (1 more tensor differs); build the model"
+    )
     weights = _Net().state_dict()
     weights["aux.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"^last\.pt does not fit the model: tensor 'aux\.weight' is in the "
-                                              r"checkpoint but not in the model; build"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^last\.pt does not fit the model: tensor 'aux\.weight' is in the "
+        r"checkpoint but not in the model; build",
+    ):
         load_model_state(_Net(), weights, "last.pt")
     weights = _Net().state_dict()
     del weights["encoder.weight"]
@@ -336,13 +361,20 @@ def test_weights_that_are_not_a_state_dict():
 
 # ------------------------------------------------------------------------------------------- config resume
 
+
 def _cfg(**trainer) -> dict:
     return {
         "seed": 0,
         "optimizer": {"lr": 0.01, "momentum": 0.9},
         "model": {"arch": "unet", "encoder": "resnet18", "aux": {"weight": 0.4}},
-        "trainer": {"max_iters": 1000, "log_interval": 50, "num_workers": 4, "progress": True,
-                    "eval": {"mode": "whole", "scales": [1.0]}, **trainer},
+        "trainer": {
+            "max_iters": 1000,
+            "log_interval": 50,
+            "num_workers": 4,
+            "progress": True,
+            "eval": {"mode": "whole", "scales": [1.0]},
+            **trainer,
+        },
         "paths": {"log_dir": "/data/a", "output_dir": "/data/a/run"},
         "logger": {"mode": "online"},
         "teacher": {"checkpoint": "/t/a.pt", "model": None},
@@ -364,8 +396,13 @@ def test_config_diff_reports_changed_added_and_removed_nested_keys():
     new["model"]["aux"]["layers"] = [3]
     new["trainer"]["eval"]["scales"] = [1.0, 1.5]
     new["extra"] = {"a": {"b": 1}}
-    assert config_diff(old, new, ()) == ["extra.a.b", "model.aux.layers", "model.aux.weight", "optimizer.lr",
-                                         "trainer.eval.scales"]
+    assert config_diff(old, new, ()) == [
+        "extra.a.b",
+        "model.aux.layers",
+        "model.aux.weight",
+        "optimizer.lr",
+        "trainer.eval.scales",
+    ]
     assert config_diff(old, new, ["model", "extra"]) == ["optimizer.lr", "trainer.eval.scales"]
     assert config_diff(old, new, ["trainer.eval.*", "*.aux", "extra.a.b"]) == ["optimizer.lr"]
     assert config_diff(old, old, ()) == []
@@ -385,14 +422,18 @@ def test_resume_with_a_different_lr_is_refused_with_both_values():
     new["optimizer"]["lr"] = 0.02
     with pytest.raises(CheckpointError) as err:
         check_resumable_config(old, new, "runs/x/last.pt")
-    assert _one_line(err) == ("checkpoint runs/x/last.pt was written by a different config: optimizer.lr (0.01 -> "
-                              "0.02); rerun with the old values, use a new run directory, or pass "
-                              "trainer.allow_config_change=true to resume anyway")
+    assert _one_line(err) == (
+        "checkpoint runs/x/last.pt was written by a different config: optimizer.lr (0.01 -> "
+        "0.02); rerun with the old values, use a new run directory, or pass "
+        "trainer.allow_config_change=true to resume anyway"
+    )
 
 
 def test_resume_ignores_the_keys_that_may_change():
-    old, new = _cfg(), _cfg(log_interval=10, num_workers=0, progress=False, max_iters=2000, resume="x.pt",
-                            allow_config_change=True)
+    old, new = (
+        _cfg(),
+        _cfg(log_interval=10, num_workers=0, progress=False, max_iters=2000, resume="x.pt", allow_config_change=True),
+    )
     new["paths"] = {"log_dir": "/other/disk", "output_dir": "/other/disk/run"}
     new["logger"] = {"mode": "disabled", "tags": ["a"]}
     new["teacher"]["checkpoint"] = "/moved/a.pt"
@@ -418,9 +459,11 @@ def test_resume_reports_added_and_removed_keys_at_most_five_and_shortens_values(
     with pytest.raises(CheckpointError) as err:
         check_resumable_config(old, new, "last.pt")
     text = _one_line(err)
-    assert ("different config: model.arch (unet -> deeplabv3plus_xxxxxxxxxxxxxxxxxxxxxxx...), model.aux.weight "
-            "(0.4 -> unset), model.extra (unset -> 1), optimizer.lr (0.01 -> 0.1), optimizer.momentum (0.9 -> 0.0), "
-            "and 2 more; rerun") in text
+    assert (
+        "different config: model.arch (unet -> deeplabv3plus_xxxxxxxxxxxxxxxxxxxxxxx...), model.aux.weight "
+        "(0.4 -> unset), model.extra (unset -> 1), optimizer.lr (0.01 -> 0.1), optimizer.momentum (0.9 -> 0.0), "
+        "and 2 more; rerun"
+    ) in text
     assert "seed" not in text and "slide" not in text
 
 

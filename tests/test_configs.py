@@ -13,8 +13,19 @@ GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
 
 
 def test_all_concerns_have_a_group():
-    expected = {"dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "paths", "hydra",
-                "experiment", "debug"}
+    expected = {
+        "dataset",
+        "model",
+        "loss",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "logger",
+        "paths",
+        "hydra",
+        "experiment",
+        "debug",
+    }
     assert expected <= set(GROUPS)
 
 
@@ -42,9 +53,22 @@ def test_every_recipe_composes(recipe, tmp_path):
 
 
 def test_slurm_launcher_option_composes(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "hydra/launcher=submitit_slurm",
-                           "experiment=voc_dl3r18_jml_bls", "--cfg", "hydra", "--package", "hydra.launcher"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "hydra/launcher=submitit_slurm",
+            "experiment=voc_dl3r18_jml_bls",
+            "--cfg",
+            "hydra",
+            "--package",
+            "hydra.launcher",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SlurmLauncher" in proc.stdout
 
@@ -60,9 +84,12 @@ def test_no_argument_is_the_demo(tmp_path):
 
 
 # The paper's recipes (Appendix B): data set -> (iterations, optimizer, lr, scheduler power)
-PAPER_RECIPES = {"voc": (40000, "torch.optim.SGD", 0.01, 0.9), "cityscapes": (40000, "torch.optim.SGD", 0.01, 0.9),
-                 "ade20k": (40000, "torch.optim.AdamW", 6e-5, 1.0),
-                 "deepglobe_land": (10000, "torch.optim.SGD", 0.01, 0.9)}
+PAPER_RECIPES = {
+    "voc": (40000, "torch.optim.SGD", 0.01, 0.9),
+    "cityscapes": (40000, "torch.optim.SGD", 0.01, 0.9),
+    "ade20k": (40000, "torch.optim.AdamW", 6e-5, 1.0),
+    "deepglobe_land": (10000, "torch.optim.SGD", 0.01, 0.9),
+}
 
 
 @pytest.mark.parametrize("dataset", sorted(PAPER_RECIPES))
@@ -82,8 +109,17 @@ def test_choosing_a_dataset_brings_its_paper_recipe_whatever_else_is_chosen(data
 
 
 def test_an_explicit_override_wins_over_the_recipe(tmp_path):
-    cfg = compose_config(["dataset=voc", "trainer.max_iters=7", "optimizer=adamw", "optimizer.lr=0.5",
-                          "pretrained=false", "trainer.val_batch_size=2"], tmp_path)
+    cfg = compose_config(
+        [
+            "dataset=voc",
+            "trainer.max_iters=7",
+            "optimizer=adamw",
+            "optimizer.lr=0.5",
+            "pretrained=false",
+            "trainer.val_batch_size=2",
+        ],
+        tmp_path,
+    )
     assert (cfg.trainer.max_iters, cfg.optimizer._target_, cfg.optimizer.lr) == (7, "torch.optim.AdamW", 0.5)
     assert cfg.pretrained is False and cfg.model.pretrained is False and cfg.trainer.val_batch_size == 2
 

@@ -79,7 +79,7 @@ def test_deepglobe_folds_on_803_names():
         train, val = fold_split(names, fold, "train"), fold_split(names, fold, "val")
         assert (len(train), len(val)) == (643, 160)
         assert not set(train) & set(val) and set(train) | set(val) == set(names)
-        assert val == ordered[160 * fold:160 * (fold + 1)]
+        assert val == ordered[160 * fold : 160 * (fold + 1)]
         vals += val
     assert len(set(vals)) == 800  # the folds' validation sets are disjoint
     with pytest.raises(DataError, match="fold"):
@@ -155,15 +155,17 @@ def test_validate_cli_lists_every_bad_file(tmp_path):
     assert proc.returncode == 1
     assert f"bad: cannot read image {images[1]}" in proc.stdout
     assert "5 samples scanned, 1 bad" in proc.stdout
-    missing = subprocess.run([*cmd[:-1], f"paths.data_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        [*cmd[:-1], f"paths.data_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 # --- preparation scripts ---------------------------------------------------------------------------------------------
 def run_script(name, *args):
-    return subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, f"scripts/{name}", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_prepare_voc_aug_from_sbd_mat(tmp_path):
@@ -205,17 +207,31 @@ def test_train_runs_on_each_fixture(name, tmp_path):
         write_cityscapes(data / "cityscapes")
     elif name == "voc":
         voc, sbd = write_voc(data)
-        assert run_script("prepare_voc_aug.py", "--voc-root", str(voc), "--sbd-root", str(sbd),
-                          "--expected-count", "3").returncode == 0
+        assert (
+            run_script(
+                "prepare_voc_aug.py", "--voc-root", str(voc), "--sbd-root", str(sbd), "--expected-count", "3"
+            ).returncode
+            == 0
+        )
     elif name == "ade20k":
         write_ade20k(data / "ade20k")
     else:
         write_deepglobe(data / "deepglobe", n=6)
     extra = ["dataset.fold=0"] if name == "deepglobe_land" else []
-    cmd = [sys.executable, "train.py", f"dataset={name}", f"paths.data_dir={data}", "trainer.max_iters=2",
-           "trainer.batch_size=2", "dataset.crop_size=[64,64]", "trainer.num_workers=0", "trainer.progress=false",
-           "pretrained=false",  # the data set's recipe asks for ImageNet weights, which tests cannot download
-           f"paths.log_dir={tmp_path / 'out'}", *extra]
+    cmd = [
+        sys.executable,
+        "train.py",
+        f"dataset={name}",
+        f"paths.data_dir={data}",
+        "trainer.max_iters=2",
+        "trainer.batch_size=2",
+        "dataset.crop_size=[64,64]",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "pretrained=false",  # the data set's recipe asks for ImageNet weights, which tests cannot download
+        f"paths.log_dir={tmp_path / 'out'}",
+        *extra,
+    ]
     if name == "deepglobe_land":
         # with 6 images fold 0 leaves no training image: train on fold 0's validation images instead
         cmd.append("dataset.train.split=val")
@@ -233,8 +249,14 @@ def test_training_split_smaller_than_a_batch_is_refused(tmp_path):
 
 
 def test_train_on_a_broken_root_stops_with_one_line(tmp_path):
-    cmd = [sys.executable, "train.py", "dataset=cityscapes", f"paths.data_dir={tmp_path}", "trainer.max_iters=2",
-           f"paths.log_dir={tmp_path / 'out'}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "dataset=cityscapes",
+        f"paths.data_dir={tmp_path}",
+        "trainer.max_iters=2",
+        f"paths.log_dir={tmp_path / 'out'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data root {tmp_path / 'cityscapes'} does not exist")

@@ -104,7 +104,7 @@ def train_args(args: list[str]) -> list[str] | None:
     """The arguments after ``train.py`` / ``segjml-train`` (also under torchrun), or None."""
     for i, arg in enumerate(args):
         if arg in ("train.py", "segjml-train"):
-            return args[i + 1:]
+            return args[i + 1 :]
     return None
 
 
@@ -113,18 +113,22 @@ PROMISES = {
     "python train.py": dict(name="synthetic_demo_ce_jml", max_iters=600, pretrained=False, dataset="synthetic"),
     "python train.py experiment=demo": dict(name="demo", max_iters=600, pretrained=False, encoder="mobilenetv2_050"),
     "python train.py experiment=demo loss=ce_jml_bls": dict(bls_eps=0.5, dataset="synthetic"),
-    "python train.py model=dl3_r18 trainer.max_iters=2000": dict(dataset="synthetic", arch="deeplabv3",
-                                                                   encoder="resnet18d"),
+    "python train.py model=dl3_r18 trainer.max_iters=2000": dict(
+        dataset="synthetic", arch="deeplabv3", encoder="resnet18d"
+    ),
     "python train.py dataset=voc model=dl3_r18 loss=ce_jml_bls": dict(
-        name="voc_dl3_r18_ce_jml_bls", max_iters=40000, lr=0.01, val_batch_size=1, pretrained=True,
-        encoder="resnet18d"),
+        name="voc_dl3_r18_ce_jml_bls", max_iters=40000, lr=0.01, val_batch_size=1, pretrained=True, encoder="resnet18d"
+    ),
     "torchrun --standalone --nproc_per_node=4 train.py dataset=cityscapes model=dl3_r18 trainer.batch_size=2": dict(
-        max_iters=40000, encoder="resnet18d", pretrained=True, dataset="cityscapes"),
+        max_iters=40000, encoder="resnet18d", pretrained=True, dataset="cityscapes"
+    ),
     "python train.py dataset=cityscapes model=dl3_r18 trainer.batch_size=4 trainer.accumulate_steps=2": dict(
-        max_iters=40000, encoder="resnet18d"),
+        max_iters=40000, encoder="resnet18d"
+    ),
     "python train.py dataset=voc trainer.max_iters=1000": dict(lr=0.01, val_batch_size=1, pretrained=True),
-    "python train.py experiment=voc_dl3r18_jml_bls seed=1": dict(run_dir_end="voc_dl3r18_jml_bls/seed=1",
-                                                                 pretrained=True),
+    "python train.py experiment=voc_dl3r18_jml_bls seed=1": dict(
+        run_dir_end="voc_dl3r18_jml_bls/seed=1", pretrained=True
+    ),
     "python train.py experiment=dg_unetr18_jml dataset.fold=3": dict(dataset="deepglobe_land", max_iters=10000),
     "torchrun --standalone --nproc_per_node=4 train.py experiment=cs_dl3r18_jml": dict(dataset="cityscapes"),
     "segjml-train trainer.max_iters=3": dict(dataset="synthetic", name="synthetic_demo_ce_jml"),
@@ -132,10 +136,18 @@ PROMISES = {
 
 
 def check_promises(cfg, promise: dict) -> None:
-    read = {"name": cfg.name, "max_iters": cfg.trainer.max_iters, "pretrained": cfg.model.pretrained,
-            "dataset": cfg.dataset.name, "encoder": cfg.model.encoder, "arch": cfg.model.arch,
-            "lr": cfg.optimizer.lr, "val_batch_size": cfg.trainer.val_batch_size,
-            "bls_eps": (cfg.loss.bls or {}).get("eps"), "run_dir_end": None}
+    read = {
+        "name": cfg.name,
+        "max_iters": cfg.trainer.max_iters,
+        "pretrained": cfg.model.pretrained,
+        "dataset": cfg.dataset.name,
+        "encoder": cfg.model.encoder,
+        "arch": cfg.model.arch,
+        "lr": cfg.optimizer.lr,
+        "val_batch_size": cfg.trainer.val_batch_size,
+        "bls_eps": (cfg.loss.bls or {}).get("eps"),
+        "run_dir_end": None,
+    }
     for key, value in promise.items():
         if key == "run_dir_end":
             assert str(cfg.paths.output_dir).rstrip("/").endswith(value)
@@ -162,9 +174,12 @@ def test_documented_command(doc, command, tmp_path):
     elif args[0] in ("segjml-eval", "segjml-predict") or args[:2] in (["python", "eval.py"], ["python", "predict.py"]):
         name = "eval" if "eval" in " ".join(args[:2]) else "predict"
         overrides = overrides_of(args[1:] if args[0].startswith("segjml-") else args[2:])
-        cfg = compose([*overrides] + (["ckpt=x.pt"] if not overrides else []) +
-                      (["inputs=x"] if name == "predict" and not any(o.startswith("inputs=") for o in overrides)
-                       else []), config_name=name)
+        cfg = compose(
+            [*overrides]
+            + (["ckpt=x.pt"] if not overrides else [])
+            + (["inputs=x"] if name == "predict" and not any(o.startswith("inputs=") for o in overrides) else []),
+            config_name=name,
+        )
         check_overrides_hold(cfg, overrides)
     elif args[:2] == ["python", "-m"]:
         module = args[2]
@@ -196,13 +211,23 @@ def test_documented_command(doc, command, tmp_path):
 
 def test_cfg_job_prints_the_voc_recipe():
     """Acceptance of the composition fix, exactly as a user types it."""
-    proc = subprocess.run([sys.executable, "train.py", "dataset=voc", "model=dl3_r18", "loss=ce_jml_bls", "--cfg",
-                           "job"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "dataset=voc", "model=dl3_r18", "loss=ce_jml_bls", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["trainer"]["max_iters"] == 40000 and cfg["optimizer"]["lr"] == 0.01
     assert cfg["trainer"]["val_batch_size"] == 1 and cfg["pretrained"] is True
     assert cfg["name"] != "demo" and str(cfg["name"]).startswith("${run_name:")  # Hydra prints interpolations as such
-    resolved = subprocess.run([sys.executable, "train.py", "dataset=voc", "model=dl3_r18", "loss=ce_jml_bls",
-                               "--cfg", "job", "--resolve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    resolved = subprocess.run(
+        [sys.executable, "train.py", "dataset=voc", "model=dl3_r18", "loss=ce_jml_bls", "--cfg", "job", "--resolve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert yaml.safe_load(resolved.stdout)["name"] == "voc_dl3_r18_ce_jml_bls"

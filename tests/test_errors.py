@@ -29,15 +29,18 @@ def fails_in_one_line(cfg, capsys, fn=None) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("overrides,named", [
-    (["model=custom", "model.encoder=resnet_nope"], "'resnet_nope'"),
-    (["model.arch=segnet"], "'segnet'"),
-    (["loss.jml_weight=-1"], "loss.jml_weight=-1"),
-    (["loss.ce_weight=0", "loss.jml_weight=0"], "loss.ce_weight and loss.jml_weight are both 0"),
-    (["loss=ce_jml_bls", "loss.bls.eps=1.5"], "loss.bls.eps=1.5"),
-    (["loss=ce_jml_bls", "loss.bls.kernel_size=4"], "loss.bls.kernel_size=4"),
-    (["trainer.accumulate_steps=0"], "trainer.accumulate_steps=0"),
-])
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["model=custom", "model.encoder=resnet_nope"], "'resnet_nope'"),
+        (["model.arch=segnet"], "'segnet'"),
+        (["loss.jml_weight=-1"], "loss.jml_weight=-1"),
+        (["loss.ce_weight=0", "loss.jml_weight=0"], "loss.ce_weight and loss.jml_weight are both 0"),
+        (["loss=ce_jml_bls", "loss.bls.eps=1.5"], "loss.bls.eps=1.5"),
+        (["loss=ce_jml_bls", "loss.bls.kernel_size=4"], "loss.bls.kernel_size=4"),
+        (["trainer.accumulate_steps=0"], "trainer.accumulate_steps=0"),
+    ],
+)
 def test_bad_config_values_fail_in_one_line_naming_the_value(overrides, named, tmp_path, capsys):
     line = fails_in_one_line(compose_config([*FAST, *overrides], tmp_path), capsys)
     assert named in line
@@ -73,8 +76,10 @@ def test_eval_of_a_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path, caps
     from segjml.utils import build
 
     train_cfg = compose_config(FAST, tmp_path)
-    state = {"model": build(compose_config([*FAST, "model.num_classes=3"], tmp_path).model).state_dict(),
-             "config": OmegaConf.to_container(train_cfg, resolve=True)}
+    state = {
+        "model": build(compose_config([*FAST, "model.num_classes=3"], tmp_path).model).state_dict(),
+        "config": OmegaConf.to_container(train_cfg, resolve=True),
+    }
     path = tmp_path / "mismatch.pt"
     torch.save(state, path)
     cfg = compose([f"ckpt={path}"], config_name="eval", output_dir=tmp_path / "eval")
@@ -99,8 +104,9 @@ def test_a_changed_config_is_not_resumed_and_the_message_names_the_keys(finished
 
 
 def test_allow_config_change_resumes_on_purpose(finished, caplog):
-    cfg = compose_config([*FAST, "optimizer.lr=0.5", "trainer.max_iters=3", "trainer.allow_config_change=true"],
-                         finished)
+    cfg = compose_config(
+        [*FAST, "optimizer.lr=0.5", "trainer.max_iters=3", "trainer.allow_config_change=true"], finished
+    )
     with caplog.at_level("INFO"):
         train(cfg)
     assert "resumed from" in caplog.text and "at iteration 2" in caplog.text
@@ -109,8 +115,10 @@ def test_allow_config_change_resumes_on_purpose(finished, caplog):
 
 
 def test_keys_that_may_change_between_attempts_do_not_block_resume(finished, caplog):
-    cfg = compose_config([*FAST, "trainer.max_iters=3", "trainer.log_interval=1", "trainer.num_workers=1",
-                          "trainer.progress=true"], finished)
+    cfg = compose_config(
+        [*FAST, "trainer.max_iters=3", "trainer.log_interval=1", "trainer.num_workers=1", "trainer.progress=true"],
+        finished,
+    )
     with caplog.at_level("INFO"):
         train(cfg)
     assert "at iteration 2" in caplog.text
@@ -152,8 +160,13 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_previous_last(finished, cap
 
 
 def test_train_py_prints_one_line_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", f"paths.log_dir={tmp_path}", *FAST, "loss.bls.eps=1.5",
-                           "loss=ce_jml_bls"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"paths.log_dir={tmp_path}", *FAST, "loss.bls.eps=1.5", "loss=ce_jml_bls"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: loss.bls.eps=1.5 is outside [0, 1]"]
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -183,10 +196,13 @@ def test_a_data_error_in_a_loader_worker_is_reported_by_its_own_message(tmp_path
     assert line == "error: cannot read label /data/broken_0.png: not a PNG"
 
 
-@pytest.mark.parametrize("overrides,named", [
-    (["trainer.precision=fp8"], "trainer.precision=fp8"),
-    (["trainer.max_iters=0"], "trainer.max_iters=0"),
-])
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["trainer.precision=fp8"], "trainer.precision=fp8"),
+        (["trainer.max_iters=0"], "trainer.max_iters=0"),
+    ],
+)
 def test_bad_trainer_values_fail_in_one_line(overrides, named, tmp_path, capsys):
     assert named in fails_in_one_line(compose_config([*FAST, *overrides], tmp_path), capsys)
 

@@ -32,8 +32,16 @@ def test_eval_reproduces_the_final_evaluation_of_the_run(checkpoint, tmp_path):
     for key in ("acc", "miou", "ece", "sce", "bece"):
         assert metrics[key] == pytest.approx(result[key], abs=1e-4), key
     assert next(tmp_path.rglob("reliability.png")).stat().st_size > 1000
-    slide = run("eval.py", tmp_path / "slide", f"ckpt='{ckpt}'", "limit_samples=6", "mode=slide", "flip=true",
-                "dataset=synthetic", "dataset.crop_size=[48,48]")
+    slide = run(
+        "eval.py",
+        tmp_path / "slide",
+        f"ckpt='{ckpt}'",
+        "limit_samples=6",
+        "mode=slide",
+        "flip=true",
+        "dataset=synthetic",
+        "dataset.crop_size=[48,48]",
+    )
     assert slide.returncode == 0, slide.stderr[-2000:]
 
 

@@ -63,5 +63,6 @@ def test_flip_tta_of_an_equivariant_model_changes_nothing():
     plain = predict_probs(model, image)
     flipped = predict_probs(model, image, flip=True)
     assert torch.allclose(plain, flipped, atol=1e-6)
-    assert torch.allclose(predict_probs(model, image, mode="slide", crop_size=(8, 8), flip=True).sum(1),
-                          torch.ones(1, 9, 14), atol=1e-5)
+    assert torch.allclose(
+        predict_probs(model, image, mode="slide", crop_size=(8, 8), flip=True).sum(1), torch.ones(1, 9, 14), atol=1e-5
+    )

@@ -9,14 +9,16 @@ from segjml.labels import boundary_label_smoothing, boundary_map, distillation_t
 
 IG = 255  # the ignore value
 
-LABEL = torch.tensor([
-    [0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0],
-    [0, 0, 1, 1, 0, 0],
-    [0, 0, 1, 1, 0, 0],
-    [0, 0, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0],
-])
+LABEL = torch.tensor(
+    [
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ]
+)
 
 
 def brute_force(label, k, ignore=IG):
@@ -37,14 +39,17 @@ def brute_force(label, k, ignore=IG):
 
 
 def test_k3_marks_a_ring_around_the_square():
-    expected = torch.tensor([
-        [0, 0, 0, 0, 0, 0],
-        [0, 1, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 0],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(boundary_map(LABEL, 3), expected)
 
 
@@ -56,12 +61,14 @@ def test_k1_has_no_boundary_and_k5_grows():
 
 
 def test_ignored_pixels_are_never_boundary_and_do_not_make_boundary():
-    label = torch.tensor([
-        [0, 0, IG, IG],
-        [0, 0, IG, IG],
-        [0, 0, 2, 2],
-        [0, 0, 2, 2],
-    ])
+    label = torch.tensor(
+        [
+            [0, 0, IG, IG],
+            [0, 0, IG, IG],
+            [0, 0, 2, 2],
+            [0, 0, 2, 2],
+        ]
+    )
     out = boundary_map(label, 3)
     assert not out[label == IG].any()
     # (0, 1) touches only class 0 and ignored pixels: not boundary. (1, 1) sees class 2 at (2, 2): boundary.

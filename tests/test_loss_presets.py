@@ -90,8 +90,19 @@ def _leaves(node: dict, prefix: str = "") -> dict:
 
 
 def test_only_the_presets_are_options_of_loss():
-    assert group_options("loss") == ["ce", "ce_bls", "ce_jml", "ce_jml_bls", "ce_jml_kd", "ce_kd", "ce_ls", "jml2",
-                                     "lovasz", "sjl_l1", "sjl_l2"]
+    assert group_options("loss") == [
+        "ce",
+        "ce_bls",
+        "ce_jml",
+        "ce_jml_bls",
+        "ce_jml_kd",
+        "ce_kd",
+        "ce_ls",
+        "jml2",
+        "lovasz",
+        "sjl_l1",
+        "sjl_l2",
+    ]
 
 
 @pytest.mark.parametrize("loss", group_options("loss"))
@@ -114,8 +125,14 @@ def test_loss_preset_composes_from_the_base_and_states_only_what_differs(loss):
 
 def test_kd_presets_take_the_kd_weights_from_the_kd_group():
     kd = OmegaConf.to_container(OmegaConf.load(LOSS_DIR / "kd" / "default.yaml"))
-    assert kd == {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5, "jml_teacher": 0.5,
-                  "active_classes": "LABEL"}
+    assert kd == {
+        "temperature": 1.0,
+        "ce_label": 0.5,
+        "ce_teacher": 0.5,
+        "jml_label": 0.5,
+        "jml_teacher": 0.5,
+        "active_classes": "LABEL",
+    }
     for loss in ("ce_kd", "ce_jml_kd"):
         assert _node([f"loss={loss}"])["kd"] == kd
     assert _node(["loss=ce_jml_kd", "loss.kd.active_classes=BOTH"])["kd"]["active_classes"] == "BOTH"
@@ -139,14 +156,22 @@ def test_lovasz_has_its_own_weight_and_keeps_the_term_names():
     assert _node(["loss=lovasz", "loss.lovasz_weight=0.5"])["lovasz_weight"] == 0.5
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["loss=lovasz", "+loss.jml_weight=0.75"], "unused with loss.iou_loss=lovasz: weight the Lovasz-Softmax term "
-                                               "with loss.lovasz_weight"),
-    (["loss=ce_jml", "loss.iou_loss=lovasz"], "loss.jml_weight=0.75 weights the Jaccard metric loss, unused with"),
-    (["loss=lovasz", "loss.lovasz_weight=-1"], "loss.lovasz_weight=-1 is negative; loss weights must be >= 0"),
-    (["loss=lovasz", "loss.lovasz_weight=0", "loss.ce_weight=0"], "loss.ce_weight and loss.lovasz_weight are both 0"),
-    (["loss=ce_jml", "+loss.lovasz_weight=0.75"], "loss.lovasz_weight=0.75 is only used with loss.iou_loss=lovasz"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["loss=lovasz", "+loss.jml_weight=0.75"],
+            "unused with loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight",
+        ),
+        (["loss=ce_jml", "loss.iou_loss=lovasz"], "loss.jml_weight=0.75 weights the Jaccard metric loss, unused with"),
+        (["loss=lovasz", "loss.lovasz_weight=-1"], "loss.lovasz_weight=-1 is negative; loss weights must be >= 0"),
+        (
+            ["loss=lovasz", "loss.lovasz_weight=0", "loss.ce_weight=0"],
+            "loss.ce_weight and loss.lovasz_weight are both 0",
+        ),
+        (["loss=ce_jml", "+loss.lovasz_weight=0.75"], "loss.lovasz_weight=0.75 is only used with loss.iou_loss=lovasz"),
+    ],
+)
 def test_lovasz_weight_is_checked_in_one_line(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         _criterion(_node(overrides))

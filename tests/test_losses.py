@@ -50,8 +50,14 @@ REFERENCE = {"jml1": eq7_jml1, "jml2": eq8_jml2, "sjl_l1": eq2_sjl_l1, "sjl_l2":
 def stats_of(x, y):
     """Statistics of one class, shape (1,), from plain vectors, for ``jaccard_from_statistics``."""
     t = lambda v: torch.tensor([float(v)], dtype=torch.float64)
-    return {"sx": t(x.sum()), "sy": t(y.sum()), "inner": t(np.dot(x, y)), "diff": t(np.abs(x - y).sum()),
-            "sx2": t((x**2).sum()), "sy2": t((y**2).sum())}
+    return {
+        "sx": t(x.sum()),
+        "sy": t(y.sum()),
+        "inner": t(np.dot(x, y)),
+        "diff": t(np.abs(x - y).sum()),
+        "sx2": t((x**2).sum()),
+        "sy2": t((y**2).sum()),
+    }
 
 
 def jml(x, y, variant="jml1"):
@@ -132,7 +138,10 @@ def test_module_matches_equations(variant, kind):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 6, 5, generator=g)
     labels = torch.randint(0, 4, (2, 6, 5), generator=g)
-    labels[0, 0, 0] = 0; labels[0, 0, 1] = 1; labels[0, 0, 2] = 2; labels[0, 0, 3] = 3  # noqa: E702
+    labels[0, 0, 0] = 0
+    labels[0, 0, 1] = 1
+    labels[0, 0, 2] = 2
+    labels[0, 0, 3] = 3  # noqa: E702
     if kind == "hard":
         target, dense = labels, torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).double()
     elif kind == "soft":
@@ -153,14 +162,18 @@ def test_gradients_match_finite_differences(variant, kind):
     logits = torch.randn(1, 3, 4, 4, generator=g, requires_grad=True)
     labels = torch.randint(0, 3, (1, 4, 4), generator=g)
     labels[0, 0, 0] = 255
-    target = {"hard": labels, "soft": torch.rand(1, 3, 4, 4, generator=g).softmax(1),
-              "smoothed": boundary_label_smoothing(labels, 3, eps=0.5)}[kind]
+    target = {
+        "hard": labels,
+        "soft": torch.rand(1, 3, 4, 4, generator=g).softmax(1),
+        "smoothed": boundary_label_smoothing(labels, 3, eps=0.5),
+    }[kind]
     loss = JaccardMetricLoss(variant)
     assert torch.autograd.gradcheck(lambda z: loss(z, target), (logits,), eps=1e-6, atol=1e-6)
 
 
 def test_smoothing_is_added_to_numerator_and_denominator():
-    x = np.array([0.2, 0.7, 0.1]); y = np.array([0.0, 1.0, 0.0])  # noqa: E702
+    x = np.array([0.2, 0.7, 0.1])
+    y = np.array([0.0, 1.0, 0.0])  # noqa: E702
     s = stats_of(x, y)
     value = float(Fn.jaccard_from_statistics(s, "jml1", smooth=1.0)[0])
     inter = np.dot(x, y)
@@ -168,14 +181,16 @@ def test_smoothing_is_added_to_numerator_and_denominator():
 
 
 def test_tversky_half_half_is_dice():
-    x = np.array([0.2, 0.7, 0.1, 0.9]); y = np.array([0.0, 1.0, 0.0, 1.0])  # noqa: E702
+    x = np.array([0.2, 0.7, 0.1, 0.9])
+    y = np.array([0.0, 1.0, 0.0, 1.0])  # noqa: E702
     value = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", alpha=0.5, beta=0.5, smooth=0.0)[0])
     dice = 1 - 2 * np.dot(x, y) / (x.sum() + y.sum())
     assert value == pytest.approx(dice)
 
 
 def test_log_loss_and_gamma():
-    x = np.array([0.3, 0.6]); y = np.array([0.0, 1.0])  # noqa: E702
+    x = np.array([0.3, 0.6])
+    y = np.array([0.0, 1.0])  # noqa: E702
     base = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0)[0])
     log = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0, log_loss=True)[0])
     focal = float(Fn.jaccard_from_statistics(stats_of(x, y), "jml1", smooth=0.0, gamma=2.0)[0])
@@ -189,10 +204,13 @@ def test_ignored_pixels_change_nothing():
     labels = torch.randint(0, 5, (2, 8, 8), generator=g)
     for loss in (JaccardMetricLoss(), CrossEntropyLoss(), LovaszSoftmaxLoss()):
         ref = loss(logits[:, :, :, :6], labels[:, :, :6])
-        masked = labels.clone(); masked[:, :, 6:] = 255  # noqa: E702
-        other = logits.clone(); other[:, :, :, 6:] = torch.randn(2, 5, 8, 2, generator=g) * 10  # noqa: E702
+        masked = labels.clone()
+        masked[:, :, 6:] = 255  # noqa: E702
+        other = logits.clone()
+        other[:, :, :, 6:] = torch.randn(2, 5, 8, 2, generator=g) * 10  # noqa: E702
         assert float(loss(other, masked)) == pytest.approx(float(ref), abs=1e-10)
-        keep = torch.ones(2, 8, 8, dtype=torch.bool); keep[:, :, 6:] = False  # noqa: E702
+        keep = torch.ones(2, 8, 8, dtype=torch.bool)
+        keep[:, :, 6:] = False  # noqa: E702
         assert float(loss(other, labels, keep)) == pytest.approx(float(ref), abs=1e-10)
 
 
@@ -231,7 +249,9 @@ def test_miou_i_and_miou_c_weights():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 3, 4, 4, generator=g)
     labels = torch.zeros(3, 4, 4, dtype=torch.long)
-    labels[0, :2] = 1; labels[1, :, :2] = 2; labels[2, 0, 0] = 1  # noqa: E702
+    labels[0, :2] = 1
+    labels[1, :, :2] = 2
+    labels[2, 0, 0] = 1  # noqa: E702
     x = logits.softmax(1).numpy()
     y = np.eye(3)[labels.numpy()].transpose(0, 3, 1, 2)
     per = np.array([[eq7_jml1(x[b, c].ravel(), y[b, c].ravel()) for c in range(3)] for b in range(3)])
@@ -263,7 +283,8 @@ def test_cross_entropy_hard_and_smoothed_match_torch():
     labels[0, 0] = 255
     ce = CrossEntropyLoss()
     assert float(ce(logits, labels)) == pytest.approx(
-        float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)))
+        float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
+    )
     ls = CrossEntropyLoss(label_smoothing=0.2)(logits, labels)
     ref = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, label_smoothing=0.2)
     assert float(ls) == pytest.approx(float(ref))

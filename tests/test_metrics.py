@@ -17,8 +17,9 @@ def random_batch(seed, b=3, h=24, w=20, ignore=True, c=C):
     g = torch.Generator().manual_seed(seed)
     probs = (torch.randn(b, c, h, w, generator=g) * 2).softmax(1)
     # labels agree with the argmax most of the time, so the metrics are not all near chance
-    target = torch.where(torch.rand(b, h, w, generator=g) < 0.6, probs.argmax(1), torch.randint(0, c, (b, h, w),
-                                                                                               generator=g))
+    target = torch.where(
+        torch.rand(b, h, w, generator=g) < 0.6, probs.argmax(1), torch.randint(0, c, (b, h, w), generator=g)
+    )
     target.view(b, -1)[:, :c] = torch.arange(c)  # every class occurs
     if ignore:
         target[:, 5:9, 3:11] = 255
@@ -57,7 +58,7 @@ def numpy_reference(probs, target, n_bins=10, k=3):
         total = 0.0
         for c in range(probs.shape[1]):
             pc = probs[:, c][mask]
-            yc = (target[mask] == c)
+            yc = target[mask] == c
             bins = np.minimum((pc * n_bins).astype(int), n_bins - 1)
             total += sum(abs(yc[bins == b].sum() - pc[bins == b].sum()) for b in range(n_bins)) / mask.sum()
         return total / probs.shape[1]
@@ -121,7 +122,7 @@ def test_streaming_equals_one_big_update():
     one, many = SegmentationMetrics(C), SegmentationMetrics(C)
     one.update(probs, target)
     for i in range(6):
-        many.update(probs[i:i + 1], target[i:i + 1])
+        many.update(probs[i : i + 1], target[i : i + 1])
     a, b = one.compute(), many.compute()
     for key in a:
         assert np.allclose(a[key], b[key], equal_nan=True), key
@@ -143,7 +144,7 @@ def test_bad_inputs_raise_value_errors():
 def _metrics_on_rank(rank, world):
     probs, target = random_batch(6, b=4)
     m = SegmentationMetrics(C)
-    m.update(probs[rank * 2:(rank + 1) * 2], target[rank * 2:(rank + 1) * 2])
+    m.update(probs[rank * 2 : (rank + 1) * 2], target[rank * 2 : (rank + 1) * 2])
     return m.compute()  # synchronised over the two processes by torchmetrics
 
 

@@ -12,9 +12,19 @@ from tests.helpers import compose_config, group_options
 
 # Table 9 of the paper, parameters (M) at 19 classes.
 TABLE9 = {
-    "dl3p_r101": 62.58, "dl3_r101": 87.10, "dl3_r50": 68.11, "dl3_r18": 13.98, "dl3_mb2": 3.79, "psp_r18": 12.79,
-    "unet_r50": 76.07, "unet_r18": 14.49, "unet_mb2": 4.06, "segformer_b5": 83.77, "segformer_b3": 46.40,
-    "segformer_b1": 15.48, "segformer_b0": 5.01,
+    "dl3p_r101": 62.58,
+    "dl3_r101": 87.10,
+    "dl3_r50": 68.11,
+    "dl3_r18": 13.98,
+    "dl3_mb2": 3.79,
+    "psp_r18": 12.79,
+    "unet_r50": 76.07,
+    "unet_r18": 14.49,
+    "unet_mb2": 4.06,
+    "segformer_b5": 83.77,
+    "segformer_b3": 46.40,
+    "segformer_b1": 15.48,
+    "segformer_b0": 5.01,
 }
 PAPER_MODELS = sorted(TABLE9)
 LARGE = {"dl3p_r101", "dl3_r101", "dl3_r50", "unet_r50", "segformer_b5", "segformer_b3"}
@@ -105,8 +115,14 @@ def _one_line_value_error(excinfo, *fragments):
 
 @pytest.mark.parametrize(
     ("name", "close"),
-    [("resnet_nope", "resnet"), ("resnt18d", "resnet18d"), ("convnxt_tiny", "convnext_tiny"), ("mit_b9", "mit_b5"),
-     ("mit_b0x", "mit_b0"), ("mobilenetv2_10", "mobilenetv2_100")],
+    [
+        ("resnet_nope", "resnet"),
+        ("resnt18d", "resnet18d"),
+        ("convnxt_tiny", "convnext_tiny"),
+        ("mit_b9", "mit_b5"),
+        ("mit_b0x", "mit_b0"),
+        ("mobilenetv2_10", "mobilenetv2_100"),
+    ],
 )
 def test_unknown_encoder_lists_close_names(name, close):
     from segjml.models import build_encoder
@@ -208,8 +224,9 @@ class ArchitectureTests:
     @pytest.fixture(scope="class")
     def model(self):
         torch.manual_seed(0)
-        return build_model(self.arch, self.encoder, self.num_classes, channels=16, aux_channels=8,
-                           output_stride=self.output_stride)
+        return build_model(
+            self.arch, self.encoder, self.num_classes, channels=16, aux_channels=8, output_stride=self.output_stride
+        )
 
     def test_builds_a_segmentation_model(self, model):
         assert isinstance(model, SegmentationModel) and model.num_classes == self.num_classes
@@ -309,15 +326,28 @@ class HalfNet(MyNet):  # an encoder, but nothing else of the interface
 def test_param_groups_refuses_a_model_without_the_interface():
     with pytest.raises(ValueError) as excinfo:
         param_groups(MyNet(), lr=0.01, weight_decay=5e-4)
-    _one_line_value_error(excinfo, "model MyNet does not follow segjml's model interface",
-                          "segjml.models.SegmentationModel", "it has no 'encoder', ", "subclass SegmentationModel")
+    _one_line_value_error(
+        excinfo,
+        "model MyNet does not follow segjml's model interface",
+        "segjml.models.SegmentationModel",
+        "it has no 'encoder', ",
+        "subclass SegmentationModel",
+    )
 
 
 def test_param_groups_names_every_missing_part_of_the_interface():
     with pytest.raises(ValueError) as excinfo:
         param_groups(HalfNet(), lr=0.01, weight_decay=5e-4)
-    message = _one_line_value_error(excinfo, "model HalfNet", "'decoder'", "'head'", "'aux_head'", "'num_classes'",
-                                    "'encoder_parameters'", "'head_parameters'")
+    message = _one_line_value_error(
+        excinfo,
+        "model HalfNet",
+        "'decoder'",
+        "'head'",
+        "'aux_head'",
+        "'num_classes'",
+        "'encoder_parameters'",
+        "'head_parameters'",
+    )
     assert "'encoder'" not in message.split("; ", 1)[0]
 
 

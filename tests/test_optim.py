@@ -35,15 +35,19 @@ def expected_lr(it, mult, power=0.9, min_lr=0.0, lr=LR, start=START, warmup=WARM
 def two_group_optimizer(lr=LR):
     """SGD with a group at ``lr`` (``lr_mult`` 1) and one at ``10 * lr`` (``lr_mult`` 10), as param_groups makes."""
     encoder, head = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(2, 4))
-    return torch.optim.SGD([{"params": [encoder], "lr": lr, "lr_mult": 1.0},
-                            {"params": [head], "lr": 10 * lr, "lr_mult": 10.0}], lr=lr, momentum=0.9)
+    return torch.optim.SGD(
+        [{"params": [encoder], "lr": lr, "lr_mult": 1.0}, {"params": [head], "lr": 10 * lr, "lr_mult": 10.0}],
+        lr=lr,
+        momentum=0.9,
+    )
 
 
 def lrs(iters, **kwargs):
     """``[lr of each group]`` at iterations ``0 .. iters`` of a PolyLR over two_group_optimizer()."""
     optimizer = two_group_optimizer()
-    scheduler = PolyLR(optimizer, **{"max_iters": MAX_ITERS, "warmup_ratio": WARMUP_RATIO,
-                                     "warmup_start_lr": START, **kwargs})
+    scheduler = PolyLR(
+        optimizer, **{"max_iters": MAX_ITERS, "warmup_ratio": WARMUP_RATIO, "warmup_start_lr": START, **kwargs}
+    )
     out = []
     for _ in range(iters + 1):
         out.append([g["lr"] for g in optimizer.param_groups])
@@ -78,11 +82,12 @@ def test_max_iters_and_beyond_run_at_the_min_lr_floor():
     min_lr = 1e-4
     seen = lrs(MAX_ITERS + 5, min_lr=min_lr)
     for it in range(MAX_ITERS + 6):
-        assert seen[it] == pytest.approx([expected_lr(it, 1, min_lr=min_lr), expected_lr(it, 10, min_lr=min_lr)],
-                                         rel=1e-12), it
+        assert seen[it] == pytest.approx(
+            [expected_lr(it, 1, min_lr=min_lr), expected_lr(it, 10, min_lr=min_lr)], rel=1e-12
+        ), it
     assert seen[MAX_ITERS] == seen[MAX_ITERS + 5] == pytest.approx([min_lr, min_lr], rel=1e-12)
     assert seen[999][0] == pytest.approx(min_lr)  # 0.01 * 0.001 ** 0.9 = 2e-5 is floored ...
-    assert seen[999][1] == pytest.approx(0.1 * 0.001 ** 0.9)  # ... 2e-4 is not
+    assert seen[999][1] == pytest.approx(0.1 * 0.001**0.9)  # ... 2e-4 is not
     assert lrs(MAX_ITERS)[MAX_ITERS] == [0.0, 0.0]  # default floor
 
 

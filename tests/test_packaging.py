@@ -20,13 +20,21 @@ def installed(tmp_path_factory):
     shutil.copytree(ROOT / "segjml", source / "segjml", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"),
-                            str(source)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp / "dist").glob("segjml-*.whl"))
     target = tmp / "target"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k not in ("PROJECT_ROOT", "SEGJML_DATA")}
     env.update(PYTHONPATH=str(target), WANDB_MODE="disabled")
@@ -36,8 +44,9 @@ def installed(tmp_path_factory):
 def test_the_package_comes_from_the_wheel_with_its_version_and_configs(installed, tmp_path):
     target, env = installed
     code = "import segjml, segjml.config as c; print(segjml.__file__); print(segjml.__version__); print(c.CONFIG_DIR)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    ).stdout.split()
     version = metadata.version("segjml")
     assert out[0].startswith(str(target)) and out[1] == version
     assert (target / "segjml" / "configs" / "train.yaml").is_file()
@@ -46,27 +55,50 @@ def test_the_package_comes_from_the_wheel_with_its_version_and_configs(installed
 
 def test_segjml_train_from_an_empty_folder_writes_metrics(installed, tmp_path):
     target, env = installed
-    proc = subprocess.run([str(target / "bin" / "segjml-train"), "trainer.max_iters=3", "trainer.progress=false"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(target / "bin" / "segjml-train"), "trainer.max_iters=3", "trainer.progress=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "outputs" / "synthetic_demo_ce_jml" / "trainer.max_iters=3"
     assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
 
-    evaluated = subprocess.run([str(target / "bin" / "segjml-eval"), f"ckpt='{run / 'checkpoints' / 'last.pt'}'",
-                                "limit_samples=4", "num_workers=0"], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=600)
+    evaluated = subprocess.run(
+        [
+            str(target / "bin" / "segjml-eval"),
+            f"ckpt='{run / 'checkpoints' / 'last.pt'}'",
+            "limit_samples=4",
+            "num_workers=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert len(list((tmp_path / "outputs" / "eval").rglob("metrics.json"))) == 1
 
 
 def test_python_m_tools_run_from_the_wheel(installed, tmp_path):
     target, env = installed
-    validate = subprocess.run([sys.executable, "-m", "segjml.data.validate", "dataset=synthetic"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
+    validate = subprocess.run(
+        [sys.executable, "-m", "segjml.data.validate", "dataset=synthetic"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert validate.returncode == 0, validate.stderr[-2000:]
     assert "generated data set" in validate.stdout
-    models = subprocess.run([sys.executable, "-m", "segjml.models"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600)
+    models = subprocess.run(
+        [sys.executable, "-m", "segjml.models"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert models.returncode == 0, models.stderr[-2000:]
     assert "dl3_r18" in models.stdout and "segformer_b0" in models.stdout
 

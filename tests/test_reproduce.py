@@ -32,19 +32,28 @@ from tests.helpers import ROOT, compose_config
 PAPER_TABLES = {"1", "2", "3", "4", "5", "6", "7", "8", "10", "13", "14", "15"}
 DATASETS = {"cs": "cityscapes", "voc": "voc", "ade": "ade20k", "dg": "deepglobe_land", "syn": "synthetic"}
 # Table 9 (docs/models.md): model name -> (arch, encoder)
-MODELS = {"dl3r101": ("deeplabv3", "resnet101d"), "dl3r50": ("deeplabv3", "resnet50d"),
-          "dl3r18": ("deeplabv3", "resnet18d"), "dl3mb2": ("deeplabv3", "mobilenetv2_100"),
-          "pspr18": ("pspnet", "resnet18d"), "unetr50": ("unet", "resnet50d"), "unetr18": ("unet", "resnet18d"),
-          "unetmb2": ("unet", "mobilenetv2_100"), "segformerb5": ("segformer", "mit_b5"),
-          "segformerb3": ("segformer", "mit_b3"), "segformerb1": ("segformer", "mit_b1"),
-          "segformerb0": ("segformer", "mit_b0")}
+MODELS = {
+    "dl3r101": ("deeplabv3", "resnet101d"),
+    "dl3r50": ("deeplabv3", "resnet50d"),
+    "dl3r18": ("deeplabv3", "resnet18d"),
+    "dl3mb2": ("deeplabv3", "mobilenetv2_100"),
+    "pspr18": ("pspnet", "resnet18d"),
+    "unetr50": ("unet", "resnet50d"),
+    "unetr18": ("unet", "resnet18d"),
+    "unetmb2": ("unet", "mobilenetv2_100"),
+    "segformerb5": ("segformer", "mit_b5"),
+    "segformerb3": ("segformer", "mit_b3"),
+    "segformerb1": ("segformer", "mit_b1"),
+    "segformerb0": ("segformer", "mit_b0"),
+}
 PAPER_PRESETS = sorted(n for n in experiment_names() if n.split("_")[0] in ("cs", "voc", "ade", "dg"))
 
 
 @cache
 def resolved(experiment: str) -> dict:
-    return OmegaConf.to_container(compose_config([f"experiment={experiment}"], Path("/tmp/segjml-unused")),
-                                  resolve=True)
+    return OmegaConf.to_container(
+        compose_config([f"experiment={experiment}"], Path("/tmp/segjml-unused")), resolve=True
+    )
 
 
 def test_every_paper_table_is_described_and_every_cell_has_a_preset():
@@ -147,13 +156,22 @@ def test_grid_trains_teachers_first_once_each():
     assert len(load_tables()["2"].runs()) == 78 and len(load_tables()["13"].runs()) == 80
 
 
-@pytest.mark.parametrize("overrides", [
-    ["experiment=voc_dl3r18_jml", "seed=2"],
-    ["experiment=dg_unetr18_jml_kd", "dataset.fold=3", "trainer.precision=bf16", "teacher.checkpoint='a/b=c.pt'"],
-    ["experiment=voc_dl3r18_jml_bls", "seed=0", "loss.bls.kernel_size=inf", "loss.bls.eps=0.1",
-     "trainer.num_workers=8", "paths.log_dir=/x"],
-    ["experiment=cs_dl3r18_ce", "seed=1", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=voc_dl3r18_jml", "seed=2"],
+        ["experiment=dg_unetr18_jml_kd", "dataset.fold=3", "trainer.precision=bf16", "teacher.checkpoint='a/b=c.pt'"],
+        [
+            "experiment=voc_dl3r18_jml_bls",
+            "seed=0",
+            "loss.bls.kernel_size=inf",
+            "loss.bls.eps=0.1",
+            "trainer.num_workers=8",
+            "paths.log_dir=/x",
+        ],
+        ["experiment=cs_dl3r18_ce", "seed=1", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+    ],
+)
 def test_run_directories_follow_hydras_rule(overrides):
     """The grid's directory of a run is the one Hydra itself derives (``hydra.run.dir``) for the same command."""
     cfg = compose_config(overrides)
@@ -172,8 +190,13 @@ def test_dry_run_lists_every_run_with_its_command(tmp_path):
     done = Run("voc_dl3r18_ce", ("seed=1",)).run_dir(tmp_path)
     done.mkdir(parents=True)
     (done / "metrics.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--dry-run", "--tables", "2,8",
-                           "--log-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/reproduce.py", "--dry-run", "--tables", "2,8", "--log-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     grid = build_grid(select_tables(load_tables(), "2,8"))
@@ -196,17 +219,23 @@ def _fabricate(log_dir: Path, run: Run, **metrics) -> None:
 
 def test_table_builder_reproduces_the_papers_own_fold_statistics(tmp_path):
     """Table 14 gives per-fold mIoU and their mean ± std: fed the folds, the builder must print the paper's stats."""
-    folds = {"dg_unetr18_ce_kd": [64.93, 67.47, 66.22, 66.37, 67.00],
-             "dg_unetr18_jml_kd": [67.20, 67.96, 67.50, 67.62, 67.84],
-             "dg_unetr50_jml_bls": [68.13, 70.48, 70.60, 69.49, 69.93]}
+    folds = {
+        "dg_unetr18_ce_kd": [64.93, 67.47, 66.22, 66.37, 67.00],
+        "dg_unetr18_jml_kd": [67.20, 67.96, 67.50, 67.62, 67.84],
+        "dg_unetr50_jml_bls": [68.13, 70.48, 70.60, 69.49, 69.93],
+    }
     for experiment, values in folds.items():
         for fold, value in enumerate(values):
             _fabricate(tmp_path, Run(experiment, (f"dataset.fold={fold}",)), miou=value)
     table = load_tables()["14"]
     results = build_tables([table], tmp_path, tmp_path / "out", echo=lambda *_: None)["14"]
     by_row = {(tuple(r["labels"]), r["column"]): r for r in results}
-    for labels, (mean, std) in {("KD", "CE"): (66.40, 0.86), ("KD", "JML"): (67.62, 0.27),
-                                ("KD", "Diff"): (1.22, 0.59), ("BLS", "JML"): (69.73, 0.89)}.items():
+    for labels, (mean, std) in {
+        ("KD", "CE"): (66.40, 0.86),
+        ("KD", "JML"): (67.62, 0.27),
+        ("KD", "Diff"): (1.22, 0.59),
+        ("BLS", "JML"): (69.73, 0.89),
+    }.items():
         ours = by_row[(labels, "μ ± σ")]["ours"]
         # the printed folds are rounded to 0.01 and so is the paper's mean ± std of the unrounded ones: 0.01 apart
         assert ours["mean"] == pytest.approx(mean, abs=0.01) and ours["std"] == pytest.approx(std, abs=0.01)
@@ -260,10 +289,21 @@ def test_smoke_pipeline_trains_skips_and_builds_tables_and_figures(tmp_path):
         '"T":\n  caption: tiny\n  header: [Model]\n  columns: [CE, JML-KD]\n  metrics: {miou: mIoU}\n'
         "  repeat: single\n  blocks:\n    - label: Tiny\n      experiments: [syn_tiny_ce, syn_tiny_jml_kd]\n"
         "fig5:\n  caption: eps\n  sweep:\n    figure: eps\n    experiments: {Tiny: syn_tiny_ce_bls}\n"
-        "    eps: [0.5, 0.9]\n    kernel_size: [3]\n    repeat: single\n")
+        "    eps: [0.5, 0.9]\n    kernel_size: [3]\n    repeat: single\n"
+    )
     tiny = ["trainer.max_iters=2", "dataset.train.length=16", "dataset.val.length=4", "trainer.batch_size=2"]
-    cmd = [sys.executable, "scripts/reproduce.py", "--results", str(spec), "--launcher", "inprocess",
-           "--log-dir", str(tmp_path / "runs"), "--", *tiny]
+    cmd = [
+        sys.executable,
+        "scripts/reproduce.py",
+        "--results",
+        str(spec),
+        "--launcher",
+        "inprocess",
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--",
+        *tiny,
+    ]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "5 runs in 2 stage(s): 0 finished, 5 to run" in first.stdout
@@ -297,9 +337,20 @@ def test_every_experiment_preset_trains_on_the_synthetic_set(tmp_path):
     """Each preset, its data set swapped for the synthetic one, trains 2 iterations (KD: from its own teacher)."""
     from segjml.reproduce.runner import run_inprocess
 
-    swap = ["dataset=synthetic", "pretrained=false", "logger=none", "trainer.max_iters=2", "trainer.batch_size=2",
-            "trainer.val_batch_size=2", "trainer.num_workers=0", "trainer.progress=false", "trainer.device=cpu",
-            "trainer.limit_val_samples=2", "dataset.train.length=8", "dataset.val.length=2"]
+    swap = [
+        "dataset=synthetic",
+        "pretrained=false",
+        "logger=none",
+        "trainer.max_iters=2",
+        "trainer.batch_size=2",
+        "trainer.val_batch_size=2",
+        "trainer.num_workers=0",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        "trainer.limit_val_samples=2",
+        "dataset.train.length=8",
+        "dataset.val.length=2",
+    ]
     teachers = {teacher_of(e) for e in experiment_names()} - {None}
     for experiment in sorted(experiment_names(), key=lambda e: (teacher_of(e) is not None, e)):  # teachers first
         teacher = teacher_of(experiment)
@@ -318,13 +369,30 @@ def test_every_experiment_preset_trains_on_the_synthetic_set(tmp_path):
 def test_hydra_launcher_sweeps_write_the_same_run_directories(tmp_path):
     """LAUNCHER=<hydra launcher> (here `basic`): the multirun sweeps land where the grid looks for them."""
     spec = tmp_path / "tables.yaml"
-    spec.write_text('"T":\n  caption: tiny\n  header: [Model]\n  columns: [CE, JML-KD]\n  metrics: {miou: mIoU}\n'
-                    "  repeat: seeds\n  blocks:\n    - label: Tiny\n"
-                    "      experiments: [syn_tiny_ce, syn_tiny_jml_kd]\n")
+    spec.write_text(
+        '"T":\n  caption: tiny\n  header: [Model]\n  columns: [CE, JML-KD]\n  metrics: {miou: mIoU}\n'
+        "  repeat: seeds\n  blocks:\n    - label: Tiny\n"
+        "      experiments: [syn_tiny_ce, syn_tiny_jml_kd]\n"
+    )
     tiny = ["trainer.max_iters=2", "dataset.train.length=16", "dataset.val.length=4", "trainer.batch_size=2"]
-    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "--results", str(spec), "--launcher", "basic",
-                           "--log-dir", str(tmp_path / "runs"), "--", *tiny], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/reproduce.py",
+            "--results",
+            str(spec),
+            "--launcher",
+            "basic",
+            "--log-dir",
+            str(tmp_path / "runs"),
+            "--",
+            *tiny,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     grid = build_grid(list(load_tables(spec).values()))
     assert len(grid.runs) == 7

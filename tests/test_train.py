@@ -85,7 +85,19 @@ def test_unknown_group_option_fails_with_hydra_message(tmp_path):
 
 
 def test_other_model_trains(tmp_path):
-    result = train(compose_config(["debug=fast", "trainer.max_iters=6", "model=custom", "model.arch=pspnet",
-                                   "model.encoder=resnet10t", "model.channels=16", "model.aux_channels=16"], tmp_path))
+    result = train(
+        compose_config(
+            [
+                "debug=fast",
+                "trainer.max_iters=6",
+                "model=custom",
+                "model.arch=pspnet",
+                "model.encoder=resnet10t",
+                "model.channels=16",
+                "model.aux_channels=16",
+            ],
+            tmp_path,
+        )
+    )
     assert 0 <= result["miou"] <= 100
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["model"]["arch"] == "pspnet"

@@ -18,8 +18,15 @@ from segjml.losses import JaccardMetricLoss, SegmentationCriterion
 from tests.distributed import run_on_ranks
 from tests.helpers import ROOT, compose_config
 
-RUN = ["debug=fast", "trainer.max_iters=12", "trainer.ckpt_interval=1", "trainer.num_workers=1",
-       "trainer.limit_train_samples=16", "dataset.scale_range=[0.5,2.0]", "trainer.progress=false"]
+RUN = [
+    "debug=fast",
+    "trainer.max_iters=12",
+    "trainer.ckpt_interval=1",
+    "trainer.num_workers=1",
+    "trainer.limit_train_samples=16",
+    "dataset.scale_range=[0.5,2.0]",
+    "trainer.progress=false",
+]
 
 
 def command(log_dir, *extra):
@@ -82,8 +89,9 @@ def test_usr2_saves_last_then_hands_the_signal_to_the_previous_handler(tmp_path)
     import threading
 
     seen = []
-    cfg = compose_config([*RUN, "trainer.max_iters=100000", "trainer.ckpt_interval=100000", "trainer.log_interval=1"],
-                         tmp_path)
+    cfg = compose_config(
+        [*RUN, "trainer.max_iters=100000", "trainer.ckpt_interval=100000", "trainer.log_interval=1"], tmp_path
+    )
     last = tmp_path / "checkpoints" / "last.pt"
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append((signum, last.is_file())))
 
@@ -130,8 +138,9 @@ def test_truncated_checkpoint_is_never_resumed_and_explicit_path_fails_in_one_li
     assert_same_weights(final_weights(log_dir), reference)
     broken = tmp_path / "broken.pt"
     broken.write_bytes(data[:1000])
-    explicit = subprocess.run(command(tmp_path / "other", f"trainer.resume={broken}"), cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+    explicit = subprocess.run(
+        command(tmp_path / "other", f"trainer.resume={broken}"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert explicit.returncode == 2
     assert explicit.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {broken} cannot be read")
 
@@ -168,8 +177,18 @@ class NanAtCall(SegmentationCriterion):
 
 
 def nan_config(tmp_path, *extra):
-    return compose_config(["debug=fast", "trainer.max_iters=6", "trainer.ckpt_interval=2", "loss=ce_jml",
-                           "+loss.nan_call=3", "loss._target_=tests.test_trainer.NanAtCall", *extra], tmp_path)
+    return compose_config(
+        [
+            "debug=fast",
+            "trainer.max_iters=6",
+            "trainer.ckpt_interval=2",
+            "loss=ce_jml",
+            "+loss.nan_call=3",
+            "loss._target_=tests.test_trainer.NanAtCall",
+            *extra,
+        ],
+        tmp_path,
+    )
 
 
 def test_nan_loss_stops_before_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -194,8 +213,8 @@ def _sync_stats_on_rank(rank, world):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 5, (4, 8, 8), generator=g)
-    mine = logits[rank * 2:(rank + 1) * 2].clone().requires_grad_(True)
-    loss = JaccardMetricLoss(sync_stats=True)(mine, labels[rank * 2:(rank + 1) * 2])
+    mine = logits[rank * 2 : (rank + 1) * 2].clone().requires_grad_(True)
+    loss = JaccardMetricLoss(sync_stats=True)(mine, labels[rank * 2 : (rank + 1) * 2])
     loss.backward()
     return loss.item(), mine.grad
 
@@ -212,14 +231,23 @@ def test_sync_stats_on_two_processes_equals_one_process_on_the_whole_batch():
         # Every rank's loss is the global loss, and the all-reduce's backward sums both ranks' upstream gradients:
         # each rank holds twice the single-process gradient of its logits, which DDP's mean over 2 ranks turns into
         # exactly the single-process parameter gradient.
-        assert torch.allclose(grad, 2 * logits.grad[rank * 2:(rank + 1) * 2], atol=1e-12)
+        assert torch.allclose(grad, 2 * logits.grad[rank * 2 : (rank + 1) * 2], atol=1e-12)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "train.py", f"paths.log_dir={tmp_path}", "debug=fast",
-           "trainer.max_iters=4", "trainer.limit_val_samples=7", "trainer.val_batch_size=1"]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        f"paths.log_dir={tmp_path}",
+        "debug=fast",
+        "trainer.max_iters=4",
+        "trainer.limit_val_samples=7",
+        "trainer.val_batch_size=1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = run_dir_of(tmp_path)

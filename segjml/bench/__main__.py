@@ -4,8 +4,12 @@ import sys
 
 
 def main() -> None:
-    commands = {"losses": "segjml.bench.losses", "metrics": "segjml.bench.metrics", "data": "segjml.bench.data",
-                "trainer": "segjml.bench.trainer"}
+    commands = {
+        "losses": "segjml.bench.losses",
+        "metrics": "segjml.bench.metrics",
+        "data": "segjml.bench.data",
+        "trainer": "segjml.bench.trainer",
+    }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m segjml.bench {{{','.join(commands)}}} [options]  (--help for each)", file=sys.stderr)
         sys.exit(2)

@@ -48,8 +48,9 @@ def rate(fn, samples: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segjml.bench data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m segjml.bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--samples", type=int, default=24)
     args = parser.parse_args(argv)
@@ -74,8 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         train_ids = rate(lambda i: prepared[i % n], args.samples)
     print(f"threads: cv2={cv2.getNumThreads()} (1 process = 1 DataLoader worker); 1024x2048 PNG inputs")
     print(f"{'pipeline':<44} {'samples/s':>10} {'x decode':>9}")
-    for name, value in (("decode PNG pair only (baseline)", base), ("train sample, raw labelIds", raw),
-                        ("train sample, prepared labelTrainIds", train_ids)):
+    for name, value in (
+        ("decode PNG pair only (baseline)", base),
+        ("train sample, raw labelIds", raw),
+        ("train sample, prepared labelTrainIds", train_ids),
+    ):
         print(f"{name:<44} {value:10.2f} {value / base:9.2f}")
 
 

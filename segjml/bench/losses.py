@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
                 m = float("nan") if args.no_memory else peak_extra_memory(make_step(name, logits, target), device)
                 if name == "ce":
                     base_t, base_m = t, m
-                print(f"{shape_str:<16} {kind:<6} {name:<12} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
-                      f"{m / base_m if base_m else float('nan'):6.2f}", flush=True)
+                print(
+                    f"{shape_str:<16} {kind:<6} {name:<12} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
+                    f"{m / base_m if base_m else float('nan'):6.2f}",
+                    flush=True,
+                )
             del logits, target
 
 

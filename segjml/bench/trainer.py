@@ -52,17 +52,25 @@ def bare_loop(cfg, iters: int, warmup: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segjml.bench trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m segjml.bench trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     total = args.iters + args.warmup
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = ["logger=none", f"trainer.max_iters={total}", f"trainer.log_interval={args.warmup}",
-                     f"trainer.eval_interval={10 * total}", f"trainer.ckpt_interval={10 * total}",
-                     "trainer.progress=false", "trainer.limit_val_samples=2", *args.overrides]
+        overrides = [
+            "logger=none",
+            f"trainer.max_iters={total}",
+            f"trainer.log_interval={args.warmup}",
+            f"trainer.eval_interval={10 * total}",
+            f"trainer.ckpt_interval={10 * total}",
+            "trainer.progress=false",
+            "trainer.limit_val_samples=2",
+            *args.overrides,
+        ]
         cfg = compose(overrides, output_dir=tmp)
         bare_before = bare_loop(cfg, args.iters, args.warmup)
         train(cfg)

@@ -8,5 +8,13 @@ from segjml.data.loader import build_dataset, build_loader
 from segjml.data.synthetic import SyntheticSegmentation
 from segjml.data.voc import PascalVOC
 
-__all__ = ["ADE20K", "Cityscapes", "DataError", "DeepGlobeLand", "PascalVOC", "SyntheticSegmentation",
-           "build_dataset", "build_loader"]
+__all__ = [
+    "ADE20K",
+    "Cityscapes",
+    "DataError",
+    "DeepGlobeLand",
+    "PascalVOC",
+    "SyntheticSegmentation",
+    "build_dataset",
+    "build_loader",
+]

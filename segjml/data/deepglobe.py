@@ -78,6 +78,8 @@ class DeepGlobeLand(SegmentationFolder):
         label = self._lut[code]
         if (label == 254).any():
             y, x = np.argwhere(label == 254)[0]
-            raise DataError(f"label {path} holds colour {tuple(int(v) for v in raw[y, x])} at ({x}, {y}), which is "
-                            f"not a DeepGlobe land-cover colour")
+            raise DataError(
+                f"label {path} holds colour {tuple(int(v) for v in raw[y, x])} at ({x}, {y}), which is "
+                f"not a DeepGlobe land-cover colour"
+            )
         return label

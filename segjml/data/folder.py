@@ -108,8 +108,10 @@ class SegmentationFolder(Dataset):
         bad = (label >= self.num_classes) & (label != self.ignore_index)
         if bad.any():
             value = int(label[bad][0])
-            raise DataError(f"label {path} holds value {value}, which is neither a class id (0-{self.num_classes - 1}) "
-                            f"nor the ignore value {self.ignore_index}")
+            raise DataError(
+                f"label {path} holds value {value}, which is neither a class id (0-{self.num_classes - 1}) "
+                f"nor the ignore value {self.ignore_index}"
+            )
         return label
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +120,10 @@ class SegmentationFolder(Dataset):
         image = read_image(image_path)
         label = self.check_values(self.decode_label(self.read_raw_label(label_path), label_path), label_path)
         if image.shape[:2] != label.shape[:2]:
-            raise DataError(f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} is "
-                            f"{label.shape[1]}x{label.shape[0]}")
+            raise DataError(
+                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} is "
+                f"{label.shape[1]}x{label.shape[0]}"
+            )
         return image, label
 
     def __len__(self) -> int:

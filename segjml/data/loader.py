@@ -67,8 +67,10 @@ def build_loader(
     """
     if train:
         if len(dataset) < batch_size * world_size:
-            raise DataError(f"the training split has {len(dataset)} samples, fewer than one batch "
-                            f"(trainer.batch_size={batch_size} x {world_size} process(es)); lower trainer.batch_size")
+            raise DataError(
+                f"the training split has {len(dataset)} samples, fewer than one batch "
+                f"(trainer.batch_size={batch_size} x {world_size} process(es)); lower trainer.batch_size"
+            )
         sampler = ResumableSampler(len(dataset), seed, rank, world_size)
         dataset = SeededSamples(dataset, seed)
     else:

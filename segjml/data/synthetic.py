@@ -19,8 +19,13 @@ CLASS_NAMES = ("background", "vertical", "horizontal", "checker", "diagonal", "b
 PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48))
 
 # Texture of each object class: (angle in degrees, period in pixels, kind) and a base RGB colour.
-_TEXTURES = ((0.0, 6.0, "stripes"), (90.0, 6.0, "stripes"), (0.0, 8.0, "checker"), (45.0, 5.0, "stripes"),
-             (0.0, 10.0, "blobs"))
+_TEXTURES = (
+    (0.0, 6.0, "stripes"),
+    (90.0, 6.0, "stripes"),
+    (0.0, 8.0, "checker"),
+    (45.0, 5.0, "stripes"),
+    (0.0, 10.0, "blobs"),
+)
 _BASE_COLOURS = np.array(
     [[0.75, 0.35, 0.35], [0.40, 0.70, 0.40], [0.65, 0.65, 0.30], [0.35, 0.45, 0.75], [0.70, 0.50, 0.30]]
 )

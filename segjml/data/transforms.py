@@ -28,10 +28,15 @@ def train_transform(
     lo, hi = scale_range
     return A.Compose(
         [
-            A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
-                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-            A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=tuple(mean),
-                          fill_mask=ignore_index),
+            A.RandomScale(
+                scale_limit=(lo - 1.0, hi - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.PadIfNeeded(
+                min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=tuple(mean), fill_mask=ignore_index
+            ),
             A.RandomCrop(height=h, width=w),
             A.HorizontalFlip(p=hflip),
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0),

@@ -15,9 +15,29 @@ import numpy as np
 from segjml.data.errors import DataError
 from segjml.data.folder import SegmentationFolder
 
-CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+CLASS_NAMES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 SPLIT_SIZES = {"train": 1464, "val": 1449, "train_aug": 10582}
 
 
@@ -50,8 +70,9 @@ class PascalVOC(SegmentationFolder):
         listing = self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
         if not listing.is_file():
             raise DataError(f"split list {listing} is missing{self._hint()}")
-        label_dir = self._require_dir(self.root / ("SegmentationClassAug" if self.split == "train_aug"
-                                                   else "SegmentationClass"))
+        label_dir = self._require_dir(
+            self.root / ("SegmentationClassAug" if self.split == "train_aug" else "SegmentationClass")
+        )
         image_dir = self._require_dir(self.root / "JPEGImages")
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         images = [image_dir / f"{name}.jpg" for name in names]

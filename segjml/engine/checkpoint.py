@@ -62,8 +62,10 @@ def _free_bytes(directory: Path) -> int | None:
 def _disk_full(path: Path, needed: int) -> CheckpointError:
     free = _free_bytes(path.parent)
     free_text = "?" if free is None else _mb(free)
-    return CheckpointError(f"cannot write checkpoint {path}: disk full (needs about {_mb(needed)} MB, {free_text} MB "
-                           f"free on {path.parent}); free space or set paths.log_dir=<another disk>")
+    return CheckpointError(
+        f"cannot write checkpoint {path}: disk full (needs about {_mb(needed)} MB, {free_text} MB "
+        f"free on {path.parent}); free space or set paths.log_dir=<another disk>"
+    )
 
 
 def _write_failed(path: Path, err: BaseException) -> CheckpointError:
@@ -98,8 +100,9 @@ def _is_disk_full(err: BaseException, directory: Path, needed: int) -> bool:
 
 
 def _is_write_error(err: BaseException) -> bool:
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError)
-                                        and any(m in str(err) for m in _TORCH_WRITE_ERRORS))
+    return isinstance(err, OSError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in _TORCH_WRITE_ERRORS)
+    )
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -173,7 +176,7 @@ def _first_zip_member(head: bytes) -> str | None:
     if len(head) < 30 or not head.startswith(b"PK\x03\x04"):
         return None
     name_len = int.from_bytes(head[26:28], "little")
-    return head[30:30 + name_len].decode("utf-8", "replace")
+    return head[30 : 30 + name_len].decode("utf-8", "replace")
 
 
 def _safe_load_refusal(err: BaseException) -> str | None:
@@ -278,19 +281,26 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], sour
     """
     advice = "build the model the checkpoint was trained with (its config is stored in the checkpoint)"
     if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"{source} does not fit the model: its weights are a {type(state_dict).__name__}, "
-                              f"not a state dict; {advice}")
+        raise CheckpointError(
+            f"{source} does not fit the model: its weights are a {type(state_dict).__name__}, "
+            f"not a state dict; {advice}"
+        )
     expected = model.state_dict()
     problems: list[str] = []
     for key, value in expected.items():
         if key not in state_dict:
             problems.append(f"tensor '{key}' of the model is missing from the checkpoint")
-        elif hasattr(value, "shape") and hasattr(state_dict[key], "shape") and \
-                tuple(value.shape) != tuple(state_dict[key].shape):
-            problems.append(f"tensor '{key}' has shape {_shape(state_dict[key])} in the checkpoint but "
-                            f"{_shape(value)} in the model")
-    problems += [f"tensor '{key}' is in the checkpoint but not in the model" for key in state_dict
-                 if key not in expected]
+        elif (
+            hasattr(value, "shape")
+            and hasattr(state_dict[key], "shape")
+            and tuple(value.shape) != tuple(state_dict[key].shape)
+        ):
+            problems.append(
+                f"tensor '{key}' has shape {_shape(state_dict[key])} in the checkpoint but {_shape(value)} in the model"
+            )
+    problems += [
+        f"tensor '{key}' is in the checkpoint but not in the model" for key in state_dict if key not in expected
+    ]
     if problems:
         n = len(problems) - 1
         more = f" ({n} more {'tensor differs' if n == 1 else 'tensors differ'})" if n else ""
@@ -303,9 +313,9 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], sour
         raise CheckpointError(f"{source} does not fit the model: {detail[:200]}; {advice}") from err
 
 
-
-def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",
-                 model_cfg: Mapping[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_trained(
+    path: str | os.PathLike, device: str | torch.device = "cpu", model_cfg: Mapping[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a segjml checkpoint, built from the model config stored in it (or ``model_cfg``), every weight
     loaded strictly, in eval mode on ``device``; and the checkpoint itself (its ``config`` is the run's config).
 
@@ -326,7 +336,9 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu",
     load_model_state(model, state["model"], f"checkpoint {path}")
     return model.to(device).eval(), state
 
+
 # --------------------------------------------------------------------------------------------------- RNG states
+
 
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch (and CUDA) generator states in a form ``torch.load(weights_only=True)`` accepts."""
@@ -375,17 +387,17 @@ def find_resumable(path: Path) -> Path | None:
 
 # Config keys that may change between attempts of one run (dotted prefixes; a key under one is ignored too).
 RESUME_MUTABLE_KEYS: tuple[str, ...] = (
-    "trainer.log_interval",        # logging: how often losses are logged
-    "trainer.progress",            # progress: the progress bar on or off
-    "trainer.num_workers",         # workers: data-loading processes (the batches do not depend on them)
-    "trainer.max_iters",           # max_iters extension: a run may be extended; check_resumable_config refuses less
-    "trainer.resume",              # paths: which checkpoint to resume from
-    "trainer.eval_interval",       # logging: how often the validation set is evaluated
-    "trainer.ckpt_interval",       # logging: how often last.pt is written
+    "trainer.log_interval",  # logging: how often losses are logged
+    "trainer.progress",  # progress: the progress bar on or off
+    "trainer.num_workers",  # workers: data-loading processes (the batches do not depend on them)
+    "trainer.max_iters",  # max_iters extension: a run may be extended; check_resumable_config refuses less
+    "trainer.resume",  # paths: which checkpoint to resume from
+    "trainer.eval_interval",  # logging: how often the validation set is evaluated
+    "trainer.ckpt_interval",  # logging: how often last.pt is written
     "trainer.allow_config_change",  # the switch that lets a changed config resume
-    "logger",                      # logging: W&B project, mode, tags
-    "paths",                       # paths: data and output directories (a moved data set or log dir)
-    "teacher.checkpoint",          # paths: the teacher's file (its SHA-256 is checked separately)
+    "logger",  # logging: W&B project, mode, tags
+    "paths",  # paths: data and output directories (a moved data set or log dir)
+    "teacher.checkpoint",  # paths: the teacher's file (its SHA-256 is checked separately)
 )
 
 
@@ -457,9 +469,11 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable
     """
     flat_old, flat_new = _flatten(_plain(old)), _flatten(_plain(new))
     patterns = [p.split(".") for p in ignore]
-    differ = [key for key in flat_old.keys() | flat_new.keys()
-              if not _ignored(key, patterns)
-              and not _same(flat_old.get(key, _MISSING), flat_new.get(key, _MISSING))]
+    differ = [
+        key
+        for key in flat_old.keys() | flat_new.keys()
+        if not _ignored(key, patterns) and not _same(flat_old.get(key, _MISSING), flat_new.get(key, _MISSING))
+    ]
     return sorted(differ)
 
 
@@ -492,9 +506,12 @@ def check_resumable_config(old: Mapping[str, Any] | None, new: Mapping[str, Any]
         differ = sorted([*differ, "trainer.max_iters"])
     if not differ:
         return
-    shown = ", ".join(f"{k} ({_short(flat_old.get(k, _MISSING))} -> {_short(flat_new.get(k, _MISSING))})"
-                      for k in differ[:5])
+    shown = ", ".join(
+        f"{k} ({_short(flat_old.get(k, _MISSING))} -> {_short(flat_new.get(k, _MISSING))})" for k in differ[:5]
+    )
     more = f", and {len(differ) - 5} more" if len(differ) > 5 else ""
-    raise CheckpointError(f"checkpoint {source} was written by a different config: {shown}{more}; rerun with the "
-                          "old values, use a new run directory, or pass trainer.allow_config_change=true to resume "
-                          "anyway")
+    raise CheckpointError(
+        f"checkpoint {source} was written by a different config: {shown}{more}; rerun with the "
+        "old values, use a new run directory, or pass trainer.allow_config_change=true to resume "
+        "anyway"
+    )

@@ -33,14 +33,27 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_cfg = OmegaConf.create(state.get("config") or {})
     data_cfg = cfg.dataset if cfg.get("dataset") else run_cfg.dataset
     if data_cfg.num_classes != model.num_classes:
-        raise ValueError(f"the checkpoint predicts {model.num_classes} classes but dataset {data_cfg.name} has "
-                         f"{data_cfg.num_classes}")
+        raise ValueError(
+            f"the checkpoint predicts {model.num_classes} classes but dataset {data_cfg.name} has "
+            f"{data_cfg.num_classes}"
+        )
     val_set = build_dataset(data_cfg, "val", cfg.limit_samples)
     loader = build_loader(val_set, cfg.batch_size, False, cfg.num_workers)
     metrics = SegmentationMetrics(data_cfg.num_classes, data_cfg.ignore_index, **cfg.metrics)
     names = [str(n) for n in (getattr(val_set, "class_names", None) or range(data_cfg.num_classes))]
-    return evaluate(model, loader, metrics, device, cfg.mode, data_cfg.crop_size, flip=cfg.flip, scales=cfg.scales,
-                    output_dir=cfg.paths.output_dir, class_names=names, title=f"{run_cfg.get('name', '')} eval")
+    return evaluate(
+        model,
+        loader,
+        metrics,
+        device,
+        cfg.mode,
+        data_cfg.crop_size,
+        flip=cfg.flip,
+        scales=cfg.scales,
+        output_dir=cfg.paths.output_dir,
+        class_names=names,
+        title=f"{run_cfg.get('name', '')} eval",
+    )
 
 
 def predict_images(cfg: DictConfig) -> list[Path]:
@@ -59,8 +72,11 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     model, state = load_trained(cfg.ckpt, device)
     run_cfg = OmegaConf.create(state.get("config") or {})
     source = Path(str(cfg.inputs))
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
-        if source.is_dir() else sorted(Path(p) for p in glob.glob(str(cfg.inputs)))
+    files = (
+        sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if source.is_dir()
+        else sorted(Path(p) for p in glob.glob(str(cfg.inputs)))
+    )
     if not files:
         raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
     data_cfg = run_cfg.dataset

@@ -21,8 +21,13 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out["out"] if isinstance(out, dict) else out
 
 
-def slide_logits(model: nn.Module, image: torch.Tensor, crop_size: Sequence[int], stride: Sequence[int] | None = None,
-                 num_classes: int | None = None) -> torch.Tensor:
+def slide_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    crop_size: Sequence[int],
+    stride: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
     """Logits of ``image`` (B, 3, H, W) from overlapping ``crop_size`` windows, overlaps averaged.
 
     ``stride`` defaults to 2/3 of the crop. An image smaller than the crop is padded (zeros, i.e. the mean after
@@ -41,19 +46,25 @@ def slide_logits(model: nn.Module, image: torch.Tensor, crop_size: Sequence[int]
     for i in range(rows):
         for j in range(cols):
             y0, x0 = min(i * sh, H - ch), min(j * sw, W - cw)
-            logits = _logits(model, image[:, :, y0:y0 + ch, x0:x0 + cw])
+            logits = _logits(model, image[:, :, y0 : y0 + ch, x0 : x0 + cw])
             if total is None:
                 total = logits.new_zeros(b, num_classes or logits.shape[1], H, W)
                 count = logits.new_zeros(1, 1, H, W)
-            total[:, :, y0:y0 + ch, x0:x0 + cw] += logits
-            count[:, :, y0:y0 + ch, x0:x0 + cw] += 1
+            total[:, :, y0 : y0 + ch, x0 : x0 + cw] += logits
+            count[:, :, y0 : y0 + ch, x0 : x0 + cw] += 1
     return (total / count)[:, :, :h, :w]
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, image: torch.Tensor, mode: str = "whole", crop_size: Sequence[int] | None = None,
-                  stride: Sequence[int] | None = None, flip: bool = False,
-                  scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+def predict_probs(
+    model: nn.Module,
+    image: torch.Tensor,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+) -> torch.Tensor:
     """Softmax probabilities ``(B, C, H, W)`` at the input size.
 
     Args:
@@ -119,11 +130,17 @@ def evaluate(
     return result
 
 
-def write_report(result: dict, metrics: SegmentationMetrics, output_dir: str | Path,
-                 class_names: Sequence[str] | None = None, title: str = "") -> None:
+def write_report(
+    result: dict,
+    metrics: SegmentationMetrics,
+    output_dir: str | Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+) -> None:
     """Print the per-class table; write ``metrics.json`` and ``reliability.png`` to ``output_dir``."""
     names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
     print(format_table(result, names))
     write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")
-    reliability_diagram(metrics.reliability(), Path(output_dir) / "reliability.png",
-                        title=f"{title}: reliability".strip(": "))
+    reliability_diagram(
+        metrics.reliability(), Path(output_dir) / "reliability.png", title=f"{title}: reliability".strip(": ")
+    )

@@ -35,8 +35,9 @@ def _trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0,
-                 no_decay_1d: bool = True) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 10.0, no_decay_1d: bool = True
+) -> list[dict]:
     """Split parameters into backbone / head groups, each with and without weight decay.
 
     ``model`` must follow segjml's model interface (:class:`segjml.models.SegmentationModel`; wrappers such as DDP
@@ -67,14 +68,24 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
         for no_decay in (False, True):
             params = [p for p in parts[part] if (no_decay_1d and p.ndim <= 1) == no_decay]
             if params:
-                groups.append({"params": params, "lr": lr * mult, "lr_mult": mult,
-                               "weight_decay": 0.0 if no_decay else weight_decay,
-                               "name": f"{part}{'_no_decay' if no_decay else ''}"})
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": lr * mult,
+                        "lr_mult": mult,
+                        "weight_decay": 0.0 if no_decay else weight_decay,
+                        "name": f"{part}{'_no_decay' if no_decay else ''}",
+                    }
+                )
     return groups
 
 
-def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], head_lr_mult: float = 10.0,
-                    no_decay_1d: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    optimizer: Callable[..., torch.optim.Optimizer],
+    head_lr_mult: float = 10.0,
+    no_decay_1d: bool = True,
+) -> torch.optim.Optimizer:
     """Call a partially applied optimiser (``_partial_: true`` in ``configs/optimizer``) with the parameter groups.
 
     ``lr`` and ``weight_decay`` are read from the partial's keywords.
@@ -101,13 +112,22 @@ class PolyLR(torch.optim.lr_scheduler.LambdaLR):
         min_lr: floor of the decayed rate.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, power: float = 0.9,
-                 warmup_ratio: float = 0.01, warmup_start_lr: float = 1e-6, min_lr: float = 0.0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_iters: int,
+        power: float = 0.9,
+        warmup_ratio: float = 0.01,
+        warmup_start_lr: float = 1e-6,
+        min_lr: float = 0.0,
+    ) -> None:
         self.max_iters, self.power = max_iters, power
         self.warmup = int(round(warmup_ratio * max_iters))
         bases = [g["lr"] for g in optimizer.param_groups]
-        lambdas = [self._factor(base, g.get("lr_mult", 1.0), warmup_start_lr, min_lr)
-                   for base, g in zip(bases, optimizer.param_groups)]
+        lambdas = [
+            self._factor(base, g.get("lr_mult", 1.0), warmup_start_lr, min_lr)
+            for base, g in zip(bases, optimizer.param_groups)
+        ]
         super().__init__(optimizer, lambdas)
 
     def _factor(self, base: float, mult: float, start: float, min_lr: float) -> Callable[[int], float]:

@@ -46,8 +46,17 @@ def reliability_diagram(bins: dict, path: str | os.PathLike, title: str = "Relia
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.bar(edges, acc, width=1 / n, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
     gap_bottom = [min(a, c) for a, c in zip(acc, conf)]
-    ax.bar(edges, [abs(c - a) for a, c in zip(acc, conf)], bottom=gap_bottom, width=1 / n, align="edge",
-           color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap")
+    ax.bar(
+        edges,
+        [abs(c - a) for a, c in zip(acc, conf)],
+        bottom=gap_bottom,
+        width=1 / n,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        label="gap",
+    )
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
     ax.legend(loc="upper left")

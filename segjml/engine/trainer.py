@@ -58,8 +58,9 @@ def seed_everything(seed: int) -> None:
 
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """Learning rate of the backbone groups (``lr_mult == 1``); heads run at ``head_lr_mult`` times it."""
-    return next((g["lr"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) == 1.0),
-                optimizer.param_groups[0]["lr"])
+    return next(
+        (g["lr"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) == 1.0), optimizer.param_groups[0]["lr"]
+    )
 
 
 class StopSignal:
@@ -139,8 +140,15 @@ class TrainState:
 
 def check_trainer_config(tcfg: DictConfig) -> None:
     """Refuse loop settings that would fail later, in one line naming the value (types are checked by Hydra)."""
-    for key in ("max_iters", "batch_size", "val_batch_size", "accumulate_steps", "log_interval", "eval_interval",
-                "ckpt_interval"):
+    for key in (
+        "max_iters",
+        "batch_size",
+        "val_batch_size",
+        "accumulate_steps",
+        "log_interval",
+        "eval_interval",
+        "ckpt_interval",
+    ):
         if tcfg[key] < 1:
             raise ValueError(f"trainer.{key}={tcfg[key]} must be >= 1")
     if tcfg.precision not in PRECISIONS:
@@ -157,18 +165,23 @@ def build_run(cfg: DictConfig) -> Run:
     val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
     class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
     pin = device.type == "cuda"
-    train_loader = build_loader(train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed, dist.rank,
-                                dist.world_size, pin)
-    val_loader = build_loader(val_set, tcfg.val_batch_size, False, tcfg.num_workers, cfg.seed, dist.rank,
-                              dist.world_size, pin)
+    train_loader = build_loader(
+        train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed, dist.rank, dist.world_size, pin
+    )
+    val_loader = build_loader(
+        val_set, tcfg.val_batch_size, False, tcfg.num_workers, cfg.seed, dist.rank, dist.world_size, pin
+    )
 
     model = build(cfg.model).to(device)
     if dist.enabled and tcfg.sync_bn and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
+    train_model = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.enabled
+        else model
+    )
     if tcfg.compile:
         train_model = torch.compile(train_model)
     criterion = build(cfg.loss).to(device)
@@ -180,8 +193,23 @@ def build_run(cfg: DictConfig) -> Run:
     scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
-    return Run(cfg, dist, device, model, train_model, criterion, teacher, teacher_hash, optimizer, scheduler, scaler,
-               train_loader, val_loader, metrics, class_names)
+    return Run(
+        cfg,
+        dist,
+        device,
+        model,
+        train_model,
+        criterion,
+        teacher,
+        teacher_hash,
+        optimizer,
+        scheduler,
+        scaler,
+        train_loader,
+        val_loader,
+        metrics,
+        class_names,
+    )
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -222,12 +250,22 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
     if not run.dist.is_main:
         return
     config = resolved_config(run.cfg)
-    save_atomic({
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
-        "iteration": state.iteration, "best_miou": state.best_miou, "skipped": state.skipped, "rng": rng,
-        "teacher_sha256": run.teacher_hash, "config": config, "config_sha256": config_hash(config),
-    }, run.run_dir / "checkpoints" / f"{name}.pt")
+    save_atomic(
+        {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "iteration": state.iteration,
+            "best_miou": state.best_miou,
+            "skipped": state.skipped,
+            "rng": rng,
+            "teacher_sha256": run.teacher_hash,
+            "config": config,
+            "config_sha256": config_hash(config),
+        },
+        run.run_dir / "checkpoints" / f"{name}.pt",
+    )
 
 
 def _student(run: Run, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -253,8 +291,10 @@ def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> b
         return True
     names = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
     if not run.cfg.trainer.skip_nonfinite:
-        raise FloatingPointError(f"non-finite loss at iteration {iteration} ({names}); weights and checkpoints are "
-                                 f"those of the last good iteration")
+        raise FloatingPointError(
+            f"non-finite loss at iteration {iteration} ({names}); weights and checkpoints are "
+            f"those of the last good iteration"
+        )
     log.warning("skipping iteration %d: non-finite loss (%s)", iteration, names)
     return False
 
@@ -339,11 +379,21 @@ def train_step(run: Run, state: TrainState, micro: list[tuple[torch.Tensor, torc
 def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
     """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced)."""
     tcfg = run.cfg.trainer
-    return evaluate(run.model, run.val_loader, run.metrics, run.device, tcfg.eval.mode, run.cfg.dataset.crop_size,
-                    flip=tcfg.eval.flip, scales=tcfg.eval.scales, autocast_dtype=run.autocast_dtype,
-                    progress=tcfg.progress and run.dist.is_main,
-                    output_dir=output_dir if run.dist.is_main else None, class_names=run.class_names,
-                    title=run.cfg.name)
+    return evaluate(
+        run.model,
+        run.val_loader,
+        run.metrics,
+        run.device,
+        tcfg.eval.mode,
+        run.cfg.dataset.crop_size,
+        flip=tcfg.eval.flip,
+        scales=tcfg.eval.scales,
+        autocast_dtype=run.autocast_dtype,
+        progress=tcfg.progress and run.dist.is_main,
+        output_dir=output_dir if run.dist.is_main else None,
+        class_names=run.class_names,
+        title=run.cfg.name,
+    )
 
 
 def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> dict:
@@ -379,8 +429,12 @@ class Meter:
 
 def log_step(run: Run, state: TrainState, terms: dict, meter: Meter, logger: RunLogger, bar: tqdm) -> None:
     values = {k: v.item() for k, v in terms.items()}
-    values.update(lr=base_lr(run.optimizer), **meter.read(state.iteration), amp_skipped=state.skipped["amp"],
-                  nonfinite_skipped=state.skipped["nonfinite"])
+    values.update(
+        lr=base_lr(run.optimizer),
+        **meter.read(state.iteration),
+        amp_skipped=state.skipped["amp"],
+        nonfinite_skipped=state.skipped["nonfinite"],
+    )
     if run.device.type == "cuda":
         values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     logger.log(state.iteration, values)
@@ -409,15 +463,22 @@ def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger)
     tcfg, accumulate = run.cfg.trainer, run.cfg.trainer.accumulate_steps
     data = batches(run.train_loader, state.iteration * accumulate)
     run.model.train()
-    bar = tqdm(total=tcfg.max_iters, initial=state.iteration, desc="train", dynamic_ncols=True,
-               disable=not (tcfg.progress and run.dist.is_main))
+    bar = tqdm(
+        total=tcfg.max_iters,
+        initial=state.iteration,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (tcfg.progress and run.dist.is_main),
+    )
     meter = Meter(state.iteration)
     try:
         while state.iteration < tcfg.max_iters:
             if D.any_true(stop.received is not None, run.dist, run.device):
                 save_checkpoint(run, state, "last")
-                log.warning("signal received: saved checkpoints/last.pt at iteration %d; rerun the command to "
-                            "resume", state.iteration)
+                log.warning(
+                    "signal received: saved checkpoints/last.pt at iteration %d; rerun the command to resume",
+                    state.iteration,
+                )
                 return {"stopped_at": state.iteration}
             micro = []
             for _ in range(accumulate):

@@ -24,11 +24,11 @@ def _sliding_extreme(x: torch.Tensor, k: int, fill: int, op) -> torch.Tensor:
     padded = F.pad(x, (r, r, 0, 0), value=fill)
     rows = padded[..., 0:w]
     for d in range(1, k):
-        rows = op(rows, padded[..., d:d + w])
+        rows = op(rows, padded[..., d : d + w])
     padded = F.pad(rows, (0, 0, r, r), value=fill)
     out = padded[..., 0:h, :]
     for d in range(1, k):
-        out = op(out, padded[..., d:d + h, :])
+        out = op(out, padded[..., d : d + h, :])
     return out
 
 

@@ -34,8 +34,12 @@ def check_kernel_size(kernel_size: object, name: str = "kernel_size") -> None:
     """Raise a one-line ValueError unless ``kernel_size`` is an odd positive integer or ``math.inf``."""
     ok = _is_number(kernel_size) and (
         kernel_size == math.inf
-        or (math.isfinite(kernel_size) and float(kernel_size).is_integer() and kernel_size >= 1
-            and int(kernel_size) % 2 == 1)
+        or (
+            math.isfinite(kernel_size)
+            and float(kernel_size).is_integer()
+            and kernel_size >= 1
+            and int(kernel_size) % 2 == 1
+        )
     )
     if not ok:
         raise ValueError(f"{name}={kernel_size} must be an odd positive integer or inf")

@@ -153,8 +153,13 @@ class _HardStatistics(torch.autograd.Function):
         return dz.view_as(probs), None, None, None
 
 
-def hard_statistics(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, need_squares: bool = False,
-                    need_max: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def hard_statistics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    keep: torch.Tensor,
+    need_squares: bool = False,
+    need_max: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Softmax probabilities and the ``(B, C)`` statistics of :func:`class_statistics` for hard labels, through
     one autograd node (no one-hot, no extra full-size tensors in the backward pass)."""
     b, c = logits.shape[:2]
@@ -272,8 +277,9 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
 
 
-def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, classes: str = "present",
-                   chunk: int = 16):
+def lovasz_softmax(
+    probs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, classes: str = "present", chunk: int = 16
+):
     """Lovasz-Softmax loss (Berman et al., CVPR 2018) over all kept pixels of the batch; hard labels only.
 
     Classes are sorted in batches of ``chunk`` (one batched sort per chunk) to bound memory.

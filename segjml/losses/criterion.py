@@ -28,8 +28,14 @@ from segjml.losses.jaccard import JaccardMetricLoss
 from segjml.losses.lovasz import LovaszSoftmaxLoss
 
 BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
-KD_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "ce_label": 0.5, "ce_teacher": 0.5, "jml_label": 0.5,
-                               "jml_teacher": 0.5, "active_classes": "LABEL"}
+KD_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "ce_label": 0.5,
+    "ce_teacher": 0.5,
+    "jml_label": 0.5,
+    "jml_teacher": 0.5,
+    "active_classes": "LABEL",
+}
 
 
 def _check_weight(key: str, value: Any) -> None:
@@ -96,24 +102,35 @@ class SegmentationCriterion(nn.Module):
     ) -> None:
         super().__init__()
         # every user-facing value is checked here, before any loss is built, and named by its config key
-        for key, value in (("ce_weight", ce_weight), ("jml_weight", jml_weight), ("lovasz_weight", lovasz_weight),
-                           ("main_weight", main_weight), ("aux_weight", aux_weight)):
+        for key, value in (
+            ("ce_weight", ce_weight),
+            ("jml_weight", jml_weight),
+            ("lovasz_weight", lovasz_weight),
+            ("main_weight", main_weight),
+            ("aux_weight", aux_weight),
+        ):
             _check_weight(f"loss.{key}", value)
         # each IoU loss has its own weight, so a preset never weights one loss under the other's name
         if iou_loss == "lovasz" and jml_weight != 0:
-            raise ValueError(f"loss.jml_weight={jml_weight} weights the Jaccard metric loss, unused with "
-                             "loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight and set "
-                             "loss.jml_weight=0 (or use loss=lovasz)")
+            raise ValueError(
+                f"loss.jml_weight={jml_weight} weights the Jaccard metric loss, unused with "
+                "loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight and set "
+                "loss.jml_weight=0 (or use loss=lovasz)"
+            )
         if iou_loss == "jml" and lovasz_weight != 0:
-            raise ValueError(f"loss.lovasz_weight={lovasz_weight} is only used with loss.iou_loss=lovasz; weight the "
-                             "Jaccard metric loss with loss.jml_weight")
+            raise ValueError(
+                f"loss.lovasz_weight={lovasz_weight} is only used with loss.iou_loss=lovasz; weight the "
+                "Jaccard metric loss with loss.jml_weight"
+            )
         if iou_loss == "lovasz":
             iou_key, iou_weight, iou_name = "lovasz_weight", lovasz_weight, "Lovasz-Softmax loss"
         else:
             iou_key, iou_weight, iou_name = "jml_weight", jml_weight, "Jaccard metric loss"
         if ce_weight == 0 and iou_weight == 0:
-            raise ValueError(f"loss.ce_weight and loss.{iou_key} are both 0: nothing would be trained; set "
-                             f"loss.ce_weight > 0 (cross-entropy) and/or loss.{iou_key} > 0 ({iou_name})")
+            raise ValueError(
+                f"loss.ce_weight and loss.{iou_key} are both 0: nothing would be trained; set "
+                f"loss.ce_weight > 0 (cross-entropy) and/or loss.{iou_key} > 0 ({iou_name})"
+            )
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.ce_weight, self.jml_weight, self.lovasz_weight = ce_weight, jml_weight, lovasz_weight
         self.iou_weight = iou_weight  # the weight of the IoU term, whichever loss it is
@@ -152,9 +169,9 @@ class SegmentationCriterion(nn.Module):
         self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor, teacher_logits: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Args:
-            outputs: model outputs, ``out`` (B, C, H, W) and optionally ``aux``.
-            target: hard labels ``(B, H, W)``.
-            teacher_logits: ``(B, C, h, w)`` teacher logits when distilling.
+        outputs: model outputs, ``out`` (B, C, H, W) and optionally ``aux``.
+        target: hard labels ``(B, H, W)``.
+        teacher_logits: ``(B, C, h, w)`` teacher logits when distilling.
         """
         main = outputs["out"]
         label = target

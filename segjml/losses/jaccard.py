@@ -70,14 +70,21 @@ class JaccardMetricLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: Fn.Target, keep: torch.Tensor | None = None) -> torch.Tensor:
         keep = check_target(logits, target, self.ignore_index, keep)
         if self.class_weights is not None and self.class_weights.numel() != logits.shape[1]:
-            raise ValueError(f"class_weights has {self.class_weights.numel()} entries but logits have "
-                             f"{logits.shape[1]} classes")
+            raise ValueError(
+                f"class_weights has {self.class_weights.numel()} entries but logits have {logits.shape[1]} classes"
+            )
         mode = self.active_classes or (self.active_soft if Fn.is_soft(target) else self.active_hard)
         need_max = mode if mode in ("LABEL", "PROB", "BOTH") else None
         if Fn.is_soft(target):
             probs = upcast(logits).softmax(dim=1)
-            stats = Fn.class_statistics(probs, target, keep, need_squares=self.variant == "sjl_l2",
-                                        need_max=need_max, need_inner=self.variant != "jml1")
+            stats = Fn.class_statistics(
+                probs,
+                target,
+                keep,
+                need_squares=self.variant == "sjl_l2",
+                need_max=need_max,
+                need_inner=self.variant != "jml1",
+            )
         else:
             probs, stats = Fn.hard_statistics(upcast(logits), target, keep, self.variant == "sjl_l2", need_max)
         loss_args = (self.variant, self.alpha, self.beta, self.smooth, self.gamma, self.log_loss)

@@ -31,8 +31,10 @@ def check_target(logits: torch.Tensor, target, ignore_index: int, keep: torch.Te
         labels, valid = target, target != ignore_index
     if labels is not None:
         if tuple(labels.shape) != (b, h, w):
-            raise ValueError(f"target shape {tuple(labels.shape)} does not match logits {(b, c, h, w)}: "
-                             f"expected (B, H, W) = {(b, h, w)}")
+            raise ValueError(
+                f"target shape {tuple(labels.shape)} does not match logits {(b, c, h, w)}: "
+                f"expected (B, H, W) = {(b, h, w)}"
+            )
         bad = valid & ((labels < 0) | (labels >= c))
         if bad.any():
             value = int(labels[bad][0])

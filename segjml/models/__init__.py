@@ -11,6 +11,12 @@ from segjml.models.segmentation_model import (
 )
 
 __all__ = [
-    "ARCHITECTURES", "DECODERS", "MODEL_INTERFACE", "PretrainedWeightsError", "SegmentationModel", "build_encoder",
-    "build_model", "check_model_interface",
+    "ARCHITECTURES",
+    "DECODERS",
+    "MODEL_INTERFACE",
+    "PretrainedWeightsError",
+    "SegmentationModel",
+    "build_encoder",
+    "build_model",
+    "check_model_interface",
 ]

@@ -12,9 +12,19 @@ from segjml.config import CONFIG_DIR, compose
 from segjml.models import build_model
 
 TABLE9 = {
-    "dl3p_r101": 62.58, "dl3_r101": 87.10, "dl3_r50": 68.11, "dl3_r18": 13.98, "dl3_mb2": 3.79, "psp_r18": 12.79,
-    "unet_r50": 76.07, "unet_r18": 14.49, "unet_mb2": 4.06, "segformer_b5": 83.77, "segformer_b3": 46.40,
-    "segformer_b1": 15.48, "segformer_b0": 5.01,
+    "dl3p_r101": 62.58,
+    "dl3_r101": 87.10,
+    "dl3_r50": 68.11,
+    "dl3_r18": 13.98,
+    "dl3_mb2": 3.79,
+    "psp_r18": 12.79,
+    "unet_r50": 76.07,
+    "unet_r18": 14.49,
+    "unet_mb2": 4.06,
+    "segformer_b5": 83.77,
+    "segformer_b3": 46.40,
+    "segformer_b1": 15.48,
+    "segformer_b0": 5.01,
 }
 
 

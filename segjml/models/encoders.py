@@ -52,8 +52,9 @@ def check_encoder_name(name: object) -> None:
     Names with a source prefix (``hf-hub:...``, ``local-dir:...``) are left to timm.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model.encoder={name!r} is not a model name; use a name from timm.list_models() or "
-                         f"mit_b0..mit_b5")
+        raise ValueError(
+            f"model.encoder={name!r} is not a model name; use a name from timm.list_models() or mit_b0..mit_b5"
+        )
     if ":" in name or name in MIT_ENCODERS:
         return
     import timm
@@ -62,15 +63,17 @@ def check_encoder_name(name: object) -> None:
     if not name.startswith("mit_") and timm.is_model(arch):
         if tag and name not in timm.list_pretrained(name):
             tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-            known = f"known tags: {', '.join(tags[:5])}{', ...' if len(tags) > 5 else ''}" if tags else \
-                f"'{arch}' has no pretrained tags; use model.encoder={arch}"
+            known = (
+                f"known tags: {', '.join(tags[:5])}{', ...' if len(tags) > 5 else ''}"
+                if tags
+                else f"'{arch}' has no pretrained tags; use model.encoder={arch}"
+            )
             raise ValueError(f"unknown pretrained tag '{tag}' in model.encoder '{name}'; {known}")
         return
     close = _closest_names(name)
     kind = "timm names" if not any(c in MIT_ENCODERS for c in close) else "names"
     hint = f"closest {kind}: {', '.join(close)}; " if close else ""
-    raise ValueError(f"unknown model.encoder '{name}'; {hint}any name from timm.list_models() or mit_b0..mit_b5 "
-                     f"works")
+    raise ValueError(f"unknown model.encoder '{name}'; {hint}any name from timm.list_models() or mit_b0..mit_b5 works")
 
 
 class _ArchitectureError(ValueError):
@@ -122,8 +125,10 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = read_tensors(path)
     except Exception as err:  # not a weights file, or one that cannot be read safely
-        raise PretrainedWeightsError(f"model.pretrained_path={path} is not a weights file that can be read safely "
-                                     f"({type(err).__name__}); give a .pth / .safetensors state dict") from err
+        raise PretrainedWeightsError(
+            f"model.pretrained_path={path} is not a weights file that can be read safely "
+            f"({type(err).__name__}); give a .pth / .safetensors state dict"
+        ) from err
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -131,8 +131,9 @@ def collect_reliability(tables: Sequence[Table], log_dir: Path, out_dir: Path, e
     return copied
 
 
-def build_figures(tables: Sequence[Table], log_dir: Path, out_dir: Path, extra: Sequence[str] = (),
-                  echo=print) -> list[Path]:
+def build_figures(
+    tables: Sequence[Table], log_dir: Path, out_dir: Path, extra: Sequence[str] = (), echo=print
+) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [figure1(out_dir / "figure1_loss_vs_prediction.png")]

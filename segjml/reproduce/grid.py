@@ -196,8 +196,9 @@ def sweep_point_runs(experiment: str, sweep: dict, eps, kernel_size) -> list[Run
         point.append(f"loss.bls.eps={_format_value(eps)}")
     if str(kernel_size) != str(preset["kernel_size"]):
         point.append(f"loss.bls.kernel_size={_format_value(kernel_size)}")
-    return [with_teacher(experiment, tuple(sorted([*point, *o]))) for o in repeat_overrides(sweep.get("repeat",
-                                                                                                        "seeds"))]
+    return [
+        with_teacher(experiment, tuple(sorted([*point, *o]))) for o in repeat_overrides(sweep.get("repeat", "seeds"))
+    ]
 
 
 def sweep_runs(sweep: dict) -> list[Run]:
@@ -231,8 +232,10 @@ def _parse_table(key: str, spec: dict) -> Table:
                 raise GridError(f"table {key}, block {label}: {len(values)} {m} values for {len(columns)} columns")
         if spec.get("per_fold"):
             exp = b.get("experiment")
-            cells = [Cell(exp, repeat, {m: parse_value(paper[m][i]) if paper[m] else None for m in metrics})
-                     for i in range(len(columns))]
+            cells = [
+                Cell(exp, repeat, {m: parse_value(paper[m][i]) if paper[m] else None for m in metrics})
+                for i in range(len(columns))
+            ]
             blocks.append(Block([str(x) for x in label], cells, tuple(b["diff"]) if "diff" in b else None))
             continue
         if "prefix" in b:
@@ -244,11 +247,20 @@ def _parse_table(key: str, spec: dict) -> Table:
             exps = list(b["experiments"])
         if len(exps) != len(columns):
             raise GridError(f"table {key}, block {label}: {len(exps)} experiments for {len(columns)} columns")
-        cells = [Cell(e, repeat, {m: parse_value(paper[m][i]) if paper[m] else None for m in metrics})
-                 for i, e in enumerate(exps)]
+        cells = [
+            Cell(e, repeat, {m: parse_value(paper[m][i]) if paper[m] else None for m in metrics})
+            for i, e in enumerate(exps)
+        ]
         blocks.append(Block([str(x) for x in label], cells))
-    return Table(key, " ".join(str(spec["caption"]).split()), [str(h) for h in spec["header"]], columns, metrics,
-                 blocks, per_fold=bool(spec.get("per_fold")))
+    return Table(
+        key,
+        " ".join(str(spec["caption"]).split()),
+        [str(h) for h in spec["header"]],
+        columns,
+        metrics,
+        blocks,
+        per_fold=bool(spec.get("per_fold")),
+    )
 
 
 def select_tables(tables: dict[str, Table], selection: str) -> list[Table]:

@@ -48,12 +48,23 @@ def sweep_commands(runs: Sequence[Run], launcher: str, log_dir: Path, extra: Seq
         for exp, seeds in experiments.items():
             by_seeds[tuple(sorted(seeds, key=int))].append(exp)
         for seeds, exps in by_seeds.items():
-            cmd = [sys.executable, str(TRAIN), "-m", f"hydra/launcher={launcher}",
-                   f"experiment={','.join(sorted(exps))}", *rest]
+            cmd = [
+                sys.executable,
+                str(TRAIN),
+                "-m",
+                f"hydra/launcher={launcher}",
+                f"experiment={','.join(sorted(exps))}",
+                *rest,
+            ]
             if seeds:
                 cmd.append(f"seed={','.join(seeds)}")
-            cmd += [*teacher, *extra, *_log_dir_override(log_dir), f"hydra.sweep.dir={quote(str(log_dir))}",
-                    "hydra.sweep.subdir=${name}/${hydra:job.override_dirname}"]
+            cmd += [
+                *teacher,
+                *extra,
+                *_log_dir_override(log_dir),
+                f"hydra.sweep.dir={quote(str(log_dir))}",
+                "hydra.sweep.subdir=${name}/${hydra:job.override_dirname}",
+            ]
             commands.append(cmd)
     return commands
 
@@ -116,20 +127,25 @@ def run_inprocess(run: Run, log_dir: Path, extra: Sequence[str]) -> None:
         raise KeyboardInterrupt(f"{run} stopped by a signal at iteration {result['stopped_at']}")
 
 
-def execute(grid: Grid, launcher: str, log_dir: Path, extra: Sequence[str] = (), dry_run: bool = False,
-            echo=print) -> list[Run]:
+def execute(
+    grid: Grid, launcher: str, log_dir: Path, extra: Sequence[str] = (), dry_run: bool = False, echo=print
+) -> list[Run]:
     """Run (or with ``dry_run`` list) every unfinished run of ``grid``; returns the runs that did not finish."""
     runs = grid.runs
     n_done = sum(r.done(log_dir, extra) for r in runs)
-    echo(f"# {len(runs)} runs in {len(grid.stages)} stage(s): {n_done} finished, {len(runs) - n_done} to run "
-         f"(launcher: {launcher}, log_dir: {log_dir})")
+    echo(
+        f"# {len(runs)} runs in {len(grid.stages)} stage(s): {n_done} finished, {len(runs) - n_done} to run "
+        f"(launcher: {launcher}, log_dir: {log_dir})"
+    )
     t_start = time.perf_counter()
     failed: list[Run] = []
     for i, stage in enumerate(grid.stages):
         steps = plan(stage, launcher, log_dir, extra)
         if dry_run:
-            echo(f"# stage {i + 1}/{len(grid.stages)}" + (": KD teachers come first" if i == 0 and len(grid.stages) > 1
-                                                          else ""))
+            echo(
+                f"# stage {i + 1}/{len(grid.stages)}"
+                + (": KD teachers come first" if i == 0 and len(grid.stages) > 1 else "")
+            )
             for status, _, cmd in steps:
                 echo(("# done: " if status == "done" else "") + show(cmd))
             continue

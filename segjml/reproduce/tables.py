@@ -128,8 +128,12 @@ def format_entry(entry: Entry, latex: bool = False) -> str:
 def render_markdown(table: Table, rows) -> str:
     multi = len(table.metrics) > 1
     head = [*table.header, *(["Metric"] if multi else []), *table.columns]
-    lines = [f"**Table {table.key}**: {table.caption}", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] * len(head)) + "|"]
+    lines = [
+        f"**Table {table.key}**: {table.caption}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * len(head)) + "|",
+    ]
     previous = None
     for labels, metric, entries in rows:
         shown = labels if labels != previous else [""] * len(labels)
@@ -139,8 +143,18 @@ def render_markdown(table: Table, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LATEX = {"%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-          "✓": r"\checkmark", "μ": r"$\mu$", "σ": r"$\sigma$"}
+_LATEX = {
+    "%": r"\%",
+    "_": r"\_",
+    "&": r"\&",
+    "#": r"\#",
+    "±": r"$\pm$",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+    "✓": r"\checkmark",
+    "μ": r"$\mu$",
+    "σ": r"$\sigma$",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -151,26 +165,35 @@ def render_latex(table: Table, rows) -> str:
     multi = len(table.metrics) > 1
     head = [*table.header, *(["Metric"] if multi else []), *table.columns]
     n_labels = len(head) - len(table.columns)
-    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize",
-             rf"\caption{{{latex_escape(table.caption)} Ours: mean $\pm$ std; paper value and difference in "
-             r"parentheses.}", rf"\label{{tab:segjml-{table.key}}}",
-             r"\begin{tabular}{" + "l" * n_labels + "c" * len(table.columns) + "}", r"\toprule",
-             " & ".join(latex_escape(h) for h in head) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\scriptsize",
+        rf"\caption{{{latex_escape(table.caption)} Ours: mean $\pm$ std; paper value and difference in "
+        r"parentheses.}",
+        rf"\label{{tab:segjml-{table.key}}}",
+        r"\begin{tabular}{" + "l" * n_labels + "c" * len(table.columns) + "}",
+        r"\toprule",
+        " & ".join(latex_escape(h) for h in head) + r" \\",
+        r"\midrule",
+    ]
     previous = None
     for labels, metric, entries in rows:
         if previous is not None and labels[0] != previous[0]:
             lines.append(r"\midrule")
         shown = labels if labels != previous else [""] * len(labels)
         previous = labels
-        cells = [*(latex_escape(x) for x in shown), *([latex_escape(table.metrics[metric])] if multi else []),
-                 *(format_entry(e, latex=True) for e in entries)]
+        cells = [
+            *(latex_escape(x) for x in shown),
+            *([latex_escape(table.metrics[metric])] if multi else []),
+            *(format_entry(e, latex=True) for e in entries),
+        ]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def build_tables(tables: Sequence[Table], log_dir: Path, out_dir: Path, extra: Sequence[str] = (),
-                 echo=print) -> dict:
+def build_tables(tables: Sequence[Table], log_dir: Path, out_dir: Path, extra: Sequence[str] = (), echo=print) -> dict:
     """Write ``table<key>.md`` / ``.tex``, ``tables.md`` and ``results.json`` under ``out_dir``; return the results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,9 +207,17 @@ def build_tables(tables: Sequence[Table], log_dir: Path, out_dir: Path, extra: S
         (out_dir / f"table{table.key}.tex").write_text(render_latex(table, rows))
         combined.append(md)
         results[table.key] = [
-            {"labels": labels, "metric": metric, "column": col,
-             "ours": None if e.ours is None else vars(e.ours), "paper": e.paper, "diff": e.diff}
-            for labels, metric, entries in rows for col, e in zip(table.columns, entries)]
+            {
+                "labels": labels,
+                "metric": metric,
+                "column": col,
+                "ours": None if e.ours is None else vars(e.ours),
+                "paper": e.paper,
+                "diff": e.diff,
+            }
+            for labels, metric, entries in rows
+            for col, e in zip(table.columns, entries)
+        ]
         echo(md)
     (out_dir / "tables.md").write_text("\n".join(combined))
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
