@@ -277,3 +277,19 @@ def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_
     n_pixels = 7 * 64 * 64
     for key in ("ece", "sce"):
         assert single[key] == pytest.approx(ddp_metrics[key], abs=100 / n_pixels), key
+
+
+def test_log_timings_are_averaged_over_the_iterations_since_the_last_log(monkeypatch):
+    """The last log line of a run whose length is not a multiple of log_interval covers fewer iterations."""
+    from segjml.engine import trainer as T
+
+    # the loop's sequence: start; per iteration lap("data"), lap("step"), maybe read() at a log point, lap()
+    clock = iter([0.0, 1.0, 3.0, 3.0, 3.0, 4.0, 9.0, 10.0])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    meter = T.Meter(0)
+    meter.lap("data"), meter.lap("step")
+    assert meter.read(3) == pytest.approx({"data_time": 1 / 3, "step_time": 2 / 3, "iter_time": 3 / 3})
+    meter.lap()
+    meter.lap("data"), meter.lap("step")
+    # the final log at iteration 5 covers 2 iterations, not log_interval = 3
+    assert meter.read(5) == pytest.approx({"data_time": 1 / 2, "step_time": 5 / 2, "iter_time": 7 / 2})

@@ -89,3 +89,10 @@ def block_labels(b: int, c: int, h: int, w: int, generator: torch.Generator, dev
     """``(B, H, W)`` labels made of 16x16 blocks of random classes: realistic boundaries, every class likely."""
     blocks = torch.randint(0, c, (b, 1, max(h // 16, 1), max(w // 16, 1)), generator=generator, device=device)
     return torch.nn.functional.interpolate(blocks.float(), size=(h, w), mode="nearest")[:, 0].long()
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """The benchmark's device, after printing what the figures depend on (device, threads, repeats, torch)."""
+    device = torch.device(args.device)
+    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    return device

@@ -14,7 +14,15 @@ import sys
 
 import torch
 
-from segjml.bench.common import block_labels, fmt_bytes, median_time, parse_shape, peak_extra_memory, shape_parser
+from segjml.bench.common import (
+    block_labels,
+    fmt_bytes,
+    median_time,
+    parse_shape,
+    peak_extra_memory,
+    shape_parser,
+    start,
+)
 from segjml.labels import boundary_label_smoothing
 from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss
 
@@ -57,8 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = shape_parser("python -m segjml.bench losses", __doc__, ["8x21x512x512", "8x150x512x512"], 3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    device = start(args)
     print(f"{'shape':<16} {'target':<6} {'loss':<12} {'time (s)':>9} {'x CE':>6} {'peak extra':>12} {'x CE':>6}")
     for shape_str in args.shapes:
         shape = parse_shape(shape_str)

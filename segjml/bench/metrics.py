@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from segjml.bench.common import block_labels, median_time, parse_shape, shape_parser
+from segjml.bench.common import block_labels, median_time, parse_shape, shape_parser, start
 from segjml.metrics import SegmentationMetrics
 
 
@@ -25,8 +25,7 @@ def make_batch(shape, device, seed=0):
 def main(argv: list[str] | None = None) -> None:
     parser = shape_parser("python -m segjml.bench metrics", __doc__, ["2x19x512x1024", "2x150x512x1024"], 5)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    print(f"device={device} threads={torch.get_num_threads()} repeats={args.repeats} torch={torch.__version__}")
+    device = start(args)
     print(f"{'shape':<16} {'torchmetrics mIoU (s)':>22} {'segjml all metrics (s)':>23} {'ratio':>6}")
     for shape_str in args.shapes:
         shape = parse_shape(shape_str)
