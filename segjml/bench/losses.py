@@ -1,18 +1,24 @@
-"""Loss benchmark: forward+backward time and peak extra memory of every loss, as a ratio to cross-entropy.
+"""Loss benchmark: forward+backward time and peak extra memory of each loss, as ratios to PyTorch's own op.
 
-``python -m segjml.bench losses [--shapes 8x21x512x512 8x150x512x512] [--repeats 3] [--device cpu]``
+``python -m segjml.bench losses [--shapes 8x21x512x512 8x150x512x512] [--repeats 3] [--device cpu] [--amp bf16]``
 
-Hard targets are compared with hard CE, soft targets (a dense distribution per pixel, as in distillation) with soft
-CE. "bls target" is the construction of the boundary-label-smoothing target alone (no loss); "ce bls" / "jml1 bls"
-build the BLS target and run the loss on it. Peak extra memory is the peak resident set size above what was live
-before the call on CPU, ``max_memory_allocated`` on CUDA.
+Every ratio is taken against the fastest PyTorch implementation of the same thing, measured in the same run:
+``F.cross_entropy`` with class-index targets (and ``ignore_index``) for hard labels and for boundary-smoothed labels
+(BLS: hard labels plus a per-pixel eps, which is what CE and JML consume), ``F.cross_entropy`` with probability
+targets for dense soft targets (a distribution per pixel, as a teacher's or an SSL pseudo-label). SMP's
+``JaccardLoss`` (multiclass, from logits) is the peer library's hard-label Jaccard loss. BLS rows time the loss on a
+target built beforehand ("bls target" times the construction alone). Peak extra memory is the peak resident set
+size above what was live before the call on CPU, ``max_memory_allocated`` on CUDA. ``--amp bf16`` runs the forward
+pass of every row under autocast (the losses themselves run in fp32, as in training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from segjml.bench.common import (
     block_labels,
@@ -26,36 +32,58 @@ from segjml.bench.common import (
 from segjml.labels import boundary_label_smoothing
 from segjml.losses import CrossEntropyLoss, JaccardMetricLoss, LovaszSoftmaxLoss
 
-HARD = ["ce", "jml1", "jml2", "sjl_l1", "sjl_l2", "lovasz", "bls target", "ce bls", "jml1 bls"]
-SOFT = ["ce", "jml1", "jml2", "sjl_l1", "sjl_l2"]
+# target kind -> (baseline, rows)
+ROWS = {
+    "hard": ("torch CE", ["segjml CE", "segjml JML-1", "segjml JML-2", "segjml SJL-L1", "smp JaccardLoss", "lovasz"]),
+    "bls": ("torch CE", ["segjml CE", "segjml JML-1", "bls target"]),
+    "soft": ("torch CE", ["segjml CE", "segjml JML-1", "segjml JML-2", "segjml SJL-L1"]),
+}
 
 
 def make_inputs(shape, kind: str, device: torch.device, seed: int = 0):
     b, c, h, w = shape
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(b, c, h, w, generator=g, device=device)
+    labels = block_labels(b, c, h, w, g, device)
     if kind == "hard":
-        target = block_labels(b, c, h, w, g, device)
-    else:
-        target = torch.rand(b, c, h, w, generator=g, device=device)
-        target.exp_()
-        target /= target.sum(1, keepdim=True)  # in place: no second (B, C, H, W) tensor
-    return logits, target
+        return logits, labels, labels
+    if kind == "bls":
+        return logits, boundary_label_smoothing(labels, c, eps=0.5, kernel_size=3), labels
+    target = torch.rand(b, c, h, w, generator=g, device=device)
+    target.exp_()
+    target /= target.sum(1, keepdim=True)  # in place: no second (B, C, H, W) tensor
+    return logits, target, labels
 
 
-def make_step(name: str, logits: torch.Tensor, target: torch.Tensor):
+def loss_fn(name: str, kind: str, target, labels):
+    """``f(logits) -> scalar`` for one row."""
+    if name == "torch CE":
+        if kind == "soft":
+            return lambda x: F.cross_entropy(x, target)
+        return lambda x: F.cross_entropy(x, labels, ignore_index=255)
+    if name == "smp JaccardLoss":
+        from segmentation_models_pytorch.losses import JaccardLoss
+
+        smp_loss = JaccardLoss("multiclass", from_logits=True, ignore_index=255)
+        return lambda x: smp_loss(x, labels)
+    module = {"segjml CE": CrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}.get(name)
+    if module is None:
+        module = JaccardMetricLoss(variant=name.split()[-1].lower().replace("-", "").replace("sjll1", "sjl_l1"))
+    return lambda x: module(x, target)
+
+
+def make_step(name: str, kind: str, logits, target, labels, amp: torch.dtype | None):
     c = logits.shape[1]
     if name == "bls target":
-        return lambda: boundary_label_smoothing(target, c, eps=0.5, kernel_size=3)
-    loss = {"ce": CrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}.get(name.split()[0])
-    if loss is None:
-        loss = JaccardMetricLoss(variant=name.split()[0])
-    bls = name.endswith(" bls")
+        return lambda: boundary_label_smoothing(labels, c, eps=0.5, kernel_size=3)
+    f = loss_fn(name, kind, target, labels)
+    autocast = (lambda: torch.autocast(logits.device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def step():
         x = logits.detach().requires_grad_(True)
-        t = boundary_label_smoothing(target, c, eps=0.5, kernel_size=3) if bls else target
-        loss(x, t).backward()
+        with autocast():
+            y = x * 1.0  # the model's output: under autocast, a low-precision tensor as in training
+        f(y.float()).backward()
         return x.grad
 
     return step
@@ -64,26 +92,32 @@ def make_step(name: str, logits: torch.Tensor, target: torch.Tensor):
 def main(argv: list[str] | None = None) -> None:
     parser = shape_parser("python -m segjml.bench losses", __doc__, ["8x21x512x512", "8x150x512x512"], 3)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast the forward pass")
+    parser.add_argument("--kinds", nargs="+", default=list(ROWS), choices=list(ROWS))
     args = parser.parse_args(argv)
     device = start(args)
-    print(f"{'shape':<16} {'target':<6} {'loss':<12} {'time (s)':>9} {'x CE':>6} {'peak extra':>12} {'x CE':>6}")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    print(f"{'shape':<16} {'target':<6} {'loss':<18} {'time (s)':>9} {'ratio':>6} {'peak extra':>12} {'ratio':>6}")
     for shape_str in args.shapes:
         shape = parse_shape(shape_str)
-        for kind, names in (("hard", HARD), ("soft", SOFT)):
-            logits, target = make_inputs(shape, kind, device)
+        for kind in args.kinds:
+            baseline, rows = ROWS[kind]
+            logits, target, labels = make_inputs(shape, kind, device)
             base_t = base_m = None
-            for name in names:
+            for name in [baseline, *rows]:
                 slow = name == "lovasz"  # one class at a time over sorted pixels: tens of seconds at C = 150
-                t = median_time(make_step(name, logits, target), device, 1 if slow else args.repeats, 0 if slow else 1)
-                m = float("nan") if args.no_memory else peak_extra_memory(make_step(name, logits, target), device)
-                if name == "ce":
+                step = make_step(name, kind, logits, target, labels, amp)
+                t = median_time(step, device, 1 if slow else args.repeats, 0 if slow else 1)
+                m = float("nan") if args.no_memory else peak_extra_memory(step, device)
+                if name == baseline:
                     base_t, base_m = t, m
+                label = f"{name} ({'prob' if kind == 'soft' else 'index'})" if name == baseline else name
                 print(
-                    f"{shape_str:<16} {kind:<6} {name:<12} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
+                    f"{shape_str:<16} {kind:<6} {label:<18} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
                     f"{m / base_m if base_m else float('nan'):6.2f}",
                     flush=True,
                 )
-            del logits, target
+            del logits, target, labels
 
 
 if __name__ == "__main__":

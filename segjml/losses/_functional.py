@@ -103,26 +103,55 @@ def class_statistics(
     return stats
 
 
-class _HardStatistics(torch.autograd.Function):
-    """Softmax + per-class sums for hard labels in one autograd node.
+def hard_sums(probs: torch.Tensor, labels: torch.Tensor, keepf: torch.Tensor, need_squares: bool = False):
+    """``sx = sum_i keep_i p_ic``, ``inner = sum_{i: l_i = c} keep_i p_ic`` and, with ``need_squares``,
+    ``sx2 = sum_i keep_i p_ic^2``, each ``(B, C)``, from probabilities ``(B, C, H, W)`` and labels ``(B, H, W)``."""
+    b, c = probs.shape[:2]
+    flat = probs.reshape(b, c, -1)
+    kf = keepf.reshape(b, -1, 1)
+    sx = torch.bmm(flat, kf)[..., 0]
+    lab = labels.reshape(b, 1, -1)
+    x_lab = flat.gather(1, lab)[:, 0] * keepf.reshape(b, -1)
+    inner = probs.new_zeros(b, c).scatter_add_(1, lab[:, 0], x_lab)
+    sx2 = torch.bmm(flat * flat, kf)[..., 0] if need_squares else None
+    return sx, inner, sx2
 
-    Forward: ``p = softmax(z)``; ``sx = sum_i keep_i p_ic``, ``inner = sum_{i: l_i = c} keep_i p_ic`` and optionally
-    ``sx2 = sum_i keep_i p_ic^2``, all ``(B, C)``. Backward goes straight to the logits,
-    ``dz = p * (g - sum_c p_c g_c)`` with ``g_ic = keep_i (g_sx[c] + 2 p_ic g_sx2[c] + [l_i = c] g_inner[c])``, built
-    in place, so the only full-size tensors are ``p`` (saved) and ``dz`` (returned), as for cross-entropy.
-    """
+
+def hard_sums_backward(probs, labels, keepf, g_sx, g_inner, g_sx2=None) -> torch.Tensor:
+    """Gradient of :func:`hard_sums` with respect to the logits, ``(B, C, H, W)``, through the softmax:
+    ``dz = p * (g - sum_c p_c g_c)`` with ``g_ic = keep_i (g_sx[c] + 2 p_ic g_sx2[c] + [l_i = c] g_inner[c])``,
+    built in place (the only new full-size tensor is ``dz``)."""
+    b, c = probs.shape[:2]
+    flat = probs.reshape(b, c, -1)
+    kf = keepf.reshape(b, 1, -1)
+    lab = labels.reshape(b, 1, -1)
+    g_sx = flat.new_zeros(b, c) if g_sx is None else g_sx
+    g_inner = flat.new_zeros(b, c) if g_inner is None else g_inner
+    p_lab = flat.gather(1, lab)  # (B, 1, N)
+    g_lab = g_inner.gather(1, lab[:, 0])[:, None] * kf  # label-class term of every kept pixel
+    # s_i = sum_c p_ic g_ic, with the sums over classes done as batched matrix products
+    s = (torch.bmm(g_sx[:, None, :], flat) * kf).addcmul_(p_lab, g_lab)
+    dz = flat * g_sx[:, :, None]
+    dz.mul_(kf)
+    if g_sx2 is not None:
+        sq = flat * flat
+        s.addcmul_(torch.bmm(g_sx2[:, None, :], sq), kf, value=2.0)
+        dz.addcmul_(sq, g_sx2[:, :, None] * kf, value=2.0)
+        del sq
+    dz.addcmul_(flat, s, value=-1.0)
+    dz.scatter_add_(1, lab, p_lab * g_lab)
+    return dz.view_as(probs)
+
+
+class _HardStatistics(torch.autograd.Function):
+    """Softmax + per-class sums for hard labels in one autograd node (:func:`hard_sums` forward,
+    :func:`hard_sums_backward` backward), so the only full-size tensors are ``p`` (saved) and ``dz`` (returned), as
+    for cross-entropy."""
 
     @staticmethod
     def forward(ctx, logits, labels, keepf, need_squares: bool):
-        b, c = logits.shape[:2]
         probs = logits.softmax(1)
-        flat = probs.reshape(b, c, -1)
-        kf = keepf.reshape(b, -1, 1)
-        sx = torch.bmm(flat, kf)[..., 0]
-        lab = labels.reshape(b, 1, -1)
-        x_lab = flat.gather(1, lab)[:, 0] * keepf.reshape(b, -1)
-        inner = probs.new_zeros(b, c).scatter_add_(1, lab[:, 0], x_lab)
-        sx2 = torch.bmm(flat * flat, kf)[..., 0] if need_squares else None
+        sx, inner, sx2 = hard_sums(probs, labels, keepf, need_squares)
         ctx.save_for_backward(probs, labels, keepf)
         ctx.need_squares = need_squares
         ctx.mark_non_differentiable(probs)
@@ -131,26 +160,8 @@ class _HardStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_probs, g_sx, g_inner, g_sx2):
         probs, labels, keepf = ctx.saved_tensors
-        b, c = probs.shape[:2]
-        flat = probs.reshape(b, c, -1)
-        kf = keepf.reshape(b, 1, -1)
-        lab = labels.reshape(b, 1, -1)
-        g_sx = flat.new_zeros(b, c) if g_sx is None else g_sx
-        g_inner = flat.new_zeros(b, c) if g_inner is None else g_inner
-        p_lab = flat.gather(1, lab)  # (B, 1, N)
-        g_lab = g_inner.gather(1, lab[:, 0])[:, None] * kf  # label-class term of every kept pixel
-        # s_i = sum_c p_ic g_ic, with the sums over classes done as batched matrix products
-        s = (torch.bmm(g_sx[:, None, :], flat) * kf).addcmul_(p_lab, g_lab)
-        dz = flat * g_sx[:, :, None]
-        dz.mul_(kf)
-        if ctx.need_squares and g_sx2 is not None:
-            sq = flat * flat
-            s.addcmul_(torch.bmm(g_sx2[:, None, :], sq), kf, value=2.0)
-            dz.addcmul_(sq, g_sx2[:, :, None] * kf, value=2.0)
-            del sq
-        dz.addcmul_(flat, s, value=-1.0)
-        dz.scatter_add_(1, lab, p_lab * g_lab)
-        return dz.view_as(probs), None, None, None
+        dz = hard_sums_backward(probs, labels, keepf, g_sx, g_inner, g_sx2 if ctx.need_squares else None)
+        return dz, None, None, None
 
 
 def hard_statistics(

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from segjml.labels.soft_labels import SmoothedLabels
 from segjml.losses import _functional as Fn
+from segjml.losses._fused import fused_statistics
 from segjml.losses.validation import check_target, upcast
 
 
@@ -32,6 +34,9 @@ class JaccardMetricLoss(nn.Module):
         miou_d, miou_i, miou_c: weights of the dataset-level, per-image and per-class losses (section 6.1).
         sync_stats: under ``torch.distributed``, all-reduce the per-class statistics (differentiably) so that the
             dataset-level loss is computed over the global batch.
+        fused: compute softmax and the sums in one autograd node (hard, smoothed and dense soft targets);
+            ``False`` takes the plain formula path (softmax, then sums against the dense target), slower and
+            heavier, kept as the reference the fused paths are tested against.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class JaccardMetricLoss(nn.Module):
         miou_i: float = 0.0,
         miou_c: float = 0.0,
         sync_stats: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if variant not in Fn.VARIANTS:
@@ -64,6 +70,7 @@ class JaccardMetricLoss(nn.Module):
         self.active_classes = active_classes
         self.active_hard, self.active_soft = active_classes_hard, active_classes_soft
         self.miou_d, self.miou_i, self.miou_c, self.sync_stats = miou_d, miou_i, miou_c, sync_stats
+        self.fused = fused
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -75,18 +82,17 @@ class JaccardMetricLoss(nn.Module):
             )
         mode = self.active_classes or (self.active_soft if Fn.is_soft(target) else self.active_hard)
         need_max = mode if mode in ("LABEL", "PROB", "BOTH") else None
-        if Fn.is_soft(target):
+        sums = {"need_squares": self.variant == "sjl_l2", "need_max": need_max, "need_inner": self.variant != "jml1"}
+        if not self.fused:  # the plain formula path: softmax, then the sums against the dense target
             probs = upcast(logits).softmax(dim=1)
-            stats = Fn.class_statistics(
-                probs,
-                target,
-                keep,
-                need_squares=self.variant == "sjl_l2",
-                need_max=need_max,
-                need_inner=self.variant != "jml1",
-            )
+            stats = Fn.class_statistics(probs, dense_target(target, logits.shape[1], keep, probs.dtype), keep, **sums)
+        elif Fn.is_soft(target) and not (torch.is_tensor(target) and target.requires_grad):
+            probs, stats = fused_statistics(upcast(logits), target, keep, **sums)
+        elif Fn.is_soft(target):  # a target that takes gradients (e.g. a learned one): autograd through the formula
+            probs = upcast(logits).softmax(dim=1)
+            stats = Fn.class_statistics(probs, target, keep, **sums)
         else:
-            probs, stats = Fn.hard_statistics(upcast(logits), target, keep, self.variant == "sjl_l2", need_max)
+            probs, stats = Fn.hard_statistics(upcast(logits), target, keep, sums["need_squares"], need_max)
         loss_args = (self.variant, self.alpha, self.beta, self.smooth, self.gamma, self.log_loss)
         weights = self.class_weights
         total = probs.new_zeros(())
@@ -128,3 +134,13 @@ def _all_reduce_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             out[key] = all_reduce(value)  # differentiable sum
     return out
+
+
+def dense_target(target: Fn.Target, num_classes: int, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Any target as a dense ``(B, C, H, W)`` distribution (zero rows where not kept): the formula path's input."""
+    if isinstance(target, SmoothedLabels):
+        return target.to_dense().to(dtype) * keep[:, None]
+    if target.is_floating_point():
+        return target.to(dtype) * keep[:, None]
+    onehot = torch.nn.functional.one_hot(torch.where(keep, target, 0), num_classes).permute(0, 3, 1, 2)
+    return onehot.to(dtype) * keep[:, None]

@@ -24,9 +24,10 @@ def check_target(logits: torch.Tensor, target, ignore_index: int, keep: torch.Te
     elif target.is_floating_point():
         if tuple(target.shape) != (b, c, h, w):
             raise ValueError(f"soft target shape {tuple(target.shape)} does not match logits shape {(b, c, h, w)}")
-        if not torch.isfinite(target).all():
+        total = target.sum(1)  # one pass: a NaN or an infinity anywhere makes its pixel's sum non-finite
+        if not torch.isfinite(total).all():
             raise ValueError("soft target holds NaN or infinite values")
-        labels, valid = None, target.sum(1) > 0
+        labels, valid = None, total > 0
     else:
         labels, valid = target, target != ignore_index
     if labels is not None:

@@ -1,0 +1,110 @@
+"""The fused soft-label paths equal the plain formula path (float64, 1e-10): values and gradients of JML and CE on
+hard, boundary-smoothed, label-smoothed and dense soft targets with ignored pixels, every variant, every
+active-class mode and every mIoU^D / I / C weighting."""
+
+import itertools
+
+import pytest
+import torch
+
+from segjml.labels import boundary_label_smoothing
+from segjml.labels.soft_labels import SmoothedLabels
+from segjml.losses import CrossEntropyLoss, JaccardMetricLoss
+
+B, C, H, W = 2, 5, 12, 14
+VARIANTS = ("jml1", "jml2", "sjl_l1", "sjl_l2")
+MODES = ("PRESENT", "ALL", "LABEL", "PROB", "BOTH")
+WEIGHTS = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.5, 0.3, 0.2))
+
+
+def make(kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (2 * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)).requires_grad_(True)
+    labels = torch.randint(0, C, (B, H // 3 + 1, W // 3 + 1), generator=g)
+    labels = labels.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, :H, :W].contiguous()  # blocks: boundaries
+    labels[0, :2, :3] = 255
+    labels[1, 5:7, 4:9] = 255
+    if kind == "hard":
+        target = labels
+    elif kind == "bls":
+        target = boundary_label_smoothing(labels, C, eps=0.5, kernel_size=3)
+    elif kind == "bls_strict":
+        target = boundary_label_smoothing(labels, C, eps=0.3, kernel_size=5, strict_ignore=True)
+    elif kind == "ls":
+        target = boundary_label_smoothing(labels, C, eps=0.1, kernel_size=float("inf"))
+    else:
+        soft = torch.softmax(3 * torch.randn(B, C, H, W, generator=g, dtype=torch.float64), 1)
+        target = soft * (labels != 255)[:, None]  # ignored pixels: all-zero rows
+    if isinstance(target, SmoothedLabels):
+        target = SmoothedLabels(target.labels, target.eps.double(), target.num_classes, target.ignore_index)
+    return logits, target
+
+
+def value_and_grad(loss_fn, logits, target):
+    x = logits.detach().clone().requires_grad_(True)
+    value = loss_fn(x, target)
+    value.backward()
+    return value.detach(), x.grad
+
+
+KINDS = ("hard", "bls", "bls_strict", "ls", "soft")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_jml_fused_equals_formula_for_every_mode_and_weighting(kind, variant):
+    logits, target = make(kind, seed=VARIANTS.index(variant))
+    for mode, (d, i, c) in itertools.product(MODES, WEIGHTS):
+        args = dict(variant=variant, active_classes=mode, miou_d=d, miou_i=i, miou_c=c, threshold=0.05)
+        fused = value_and_grad(JaccardMetricLoss(**args), logits, target)
+        plain = value_and_grad(JaccardMetricLoss(**args, fused=False), logits, target)
+        torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-10, msg=f"{mode} {d, i, c} value")
+        torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=1e-10, msg=f"{mode} {d, i, c} grad")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ce_fused_equals_formula(kind):
+    logits, target = make(kind)
+    fused = value_and_grad(CrossEntropyLoss(), logits, target)
+    plain = value_and_grad(CrossEntropyLoss(fused=False), logits, target)
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ("bls", "soft"))
+def test_fused_paths_honour_an_extra_keep_mask(kind):
+    logits, target = make(kind)
+    keep = torch.ones(B, H, W, dtype=torch.bool)
+    keep[:, ::4] = False
+    for loss in (JaccardMetricLoss, CrossEntropyLoss):
+        fused_fn, plain_fn = loss(), loss(fused=False)
+        fused = value_and_grad(lambda x, t, f=fused_fn: f(x, t, keep), logits, target)
+        plain = value_and_grad(lambda x, t, f=plain_fn: f(x, t, keep), logits, target)
+        torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=1e-10)
+
+
+def test_bls_paths_never_build_the_dense_target(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, C, 32, 32, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (2, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    target = boundary_label_smoothing(labels, C, eps=0.5, kernel_size=3)
+    assert ((target.eps > 0).float().mean()) < 0.5  # boundary pixels are a minority, as in real label maps
+
+    def refuse(self):
+        raise AssertionError("a dense (B, C, H, W) target was built")
+
+    monkeypatch.setattr(SmoothedLabels, "to_dense", refuse)
+    for mode in ("PRESENT", "ALL", "LABEL", "PROB"):  # BOTH needs max(p + y) over pixels, which needs it
+        value_and_grad(JaccardMetricLoss(active_classes=mode), logits, target)
+    value_and_grad(CrossEntropyLoss(), logits, target)
+
+
+def test_float32_fused_and_formula_agree():
+    logits, target = make("bls")
+    x = logits.detach().float()
+    t = SmoothedLabels(target.labels, target.eps.float(), C)
+    fused = value_and_grad(JaccardMetricLoss(), x, t)
+    plain = value_and_grad(JaccardMetricLoss(fused=False), x, t)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-7)
