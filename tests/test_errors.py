@@ -214,3 +214,12 @@ def test_a_missing_mandatory_value_names_it(tmp_path, capsys):
     cfg = compose([], config_name="eval", output_dir=tmp_path)
     line = fails_in_one_line(cfg, capsys, lambda: evaluate_checkpoint(cfg))
     assert line.startswith("error: Missing mandatory value: ckpt") and "ckpt=" in line
+
+
+def test_eval_refuses_an_unknown_dataset_instead_of_ignoring_it(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    from segjml.config import compose
+
+    with pytest.raises(MissingConfigException, match="dataset/no_such"):
+        compose(["ckpt=x.pt", "dataset=no_such"], config_name="eval", output_dir=tmp_path)
