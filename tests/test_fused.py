@@ -108,3 +108,18 @@ def test_float32_fused_and_formula_agree():
     plain = value_and_grad(JaccardMetricLoss(fused=False), x, t)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-7)
+
+
+def test_the_dense_node_gives_the_same_result_in_small_chunks(monkeypatch):
+    from segjml.losses import _fused
+
+    logits, target = make("soft")
+    whole = value_and_grad(JaccardMetricLoss(variant="sjl_l2", active_classes="PROB"), logits, target)
+    chunks = _fused._chunks
+    monkeypatch.setattr(_fused, "_chunks", lambda b, c, n: chunks(b, c, n, elements=37))
+    assert len(_fused._chunks(B, C, H * W)) > 10
+    chunked = value_and_grad(JaccardMetricLoss(variant="sjl_l2", active_classes="PROB"), logits, target)
+    plain = value_and_grad(JaccardMetricLoss(variant="sjl_l2", active_classes="PROB", fused=False), logits, target)
+    for a, b in ((chunked, whole), (chunked, plain)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-10)

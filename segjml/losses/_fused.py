@@ -143,10 +143,18 @@ def _scatter(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> to
     return values.new_zeros(b, num_classes).scatter_add(1, labels.reshape(b, -1), values.reshape(b, -1))
 
 
+def _chunks(b: int, c: int, n: int, elements: int = 1 << 22) -> list[slice]:
+    """Pixel ranges whose ``(B, C, chunk)`` blocks hold about ``elements`` values (16 MiB in float32): the
+    temporaries of the dense node stay that small whatever the batch and image size."""
+    step = max(1, elements // max(b * c, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+
+
 class _SoftStatistics(torch.autograd.Function):
     """Softmax + ``sx = sum p``, ``diff = sum |p - y|``, optionally ``inner = <p, y>`` and ``sx2 = sum p^2`` against a
     dense target, per image and class. Backward: ``g = g_sx + sign(p - y) g_diff + y g_inner + 2 p g_sx2`` per pixel,
-    ``dz = keep * p * (g - sum_c p_c g_c)``, built in the buffer that is returned."""
+    ``dz = keep * p * (g - sum_c p_c g_c)``, written chunk by chunk into the buffer that is returned: besides ``p``
+    (saved) and ``dz``, only chunk-sized temporaries exist."""
 
     @staticmethod
     def forward(ctx, logits, y, keepf, need_inner: bool, need_squares: bool):
@@ -154,9 +162,16 @@ class _SoftStatistics(torch.autograd.Function):
         probs = logits.softmax(1)
         flat, yf, kf = probs.reshape(b, c, -1), y.reshape(b, c, -1), keepf.reshape(b, -1, 1)
         sx = torch.bmm(flat, kf)[..., 0]
-        diff = torch.bmm(torch.sub(flat, yf).abs_(), kf)[..., 0]
-        inner = torch.bmm(flat * yf, kf)[..., 0] if need_inner else None
-        sx2 = torch.bmm(flat * flat, kf)[..., 0] if need_squares else None
+        diff = probs.new_zeros(b, c)
+        inner = probs.new_zeros(b, c) if need_inner else None
+        sx2 = probs.new_zeros(b, c) if need_squares else None
+        for part in _chunks(b, c, flat.shape[-1]):
+            p, q, k = flat[:, :, part], yf[:, :, part], kf[:, part]
+            diff.add_(torch.bmm(torch.sub(p, q).abs_(), k)[..., 0])
+            if need_inner:
+                inner.add_(torch.bmm(p * q, k)[..., 0])
+            if need_squares:
+                sx2.add_(torch.bmm(p * p, k)[..., 0])
         ctx.save_for_backward(probs, y, keepf)
         ctx.mark_non_differentiable(probs)
         return probs, sx, diff, inner, sx2
@@ -165,21 +180,26 @@ class _SoftStatistics(torch.autograd.Function):
     def backward(ctx, _g_probs, g_sx, g_diff, g_inner, g_sx2):
         probs, y, keepf = ctx.saved_tensors
         b, c = probs.shape[:2]
-        flat, yf = probs.reshape(b, c, -1), y.reshape(b, c, -1)
+        flat, yf, kf = probs.reshape(b, c, -1), y.reshape(b, c, -1), keepf.reshape(b, 1, -1)
         zero = flat.new_zeros(b, c, 1)
         g_sx = zero if g_sx is None else g_sx[:, :, None]
         g_diff = zero if g_diff is None else g_diff[:, :, None]
-        # g_sx + sign(p - y) g_diff in one pass (p = y, a tie of measure zero, takes the p < y side)
-        g = torch.where(flat > yf, g_sx + g_diff, g_sx - g_diff)
-        if g_inner is not None:
-            g.addcmul_(yf, g_inner[:, :, None])
-        if g_sx2 is not None:
-            g.addcmul_(flat, g_sx2[:, :, None], value=2.0)
-        s = torch.linalg.vecdot(flat, g, dim=1)[:, None]  # (B, 1, N)
-        g.sub_(s).mul_(flat)
-        if not bool(keepf.all()):
-            g.mul_(keepf.reshape(b, 1, -1))
-        return g.view_as(probs), None, None, None, None
+        up, down = g_sx + g_diff, g_sx - g_diff
+        dz = torch.empty_like(flat)
+        masked = not bool(keepf.all())
+        for part in _chunks(b, c, flat.shape[-1]):
+            p, q = flat[:, :, part], yf[:, :, part]
+            # g_sx + sign(p - y) g_diff (p = y, a tie of measure zero, takes the p < y side)
+            g = torch.where(p > q, up, down)
+            if g_inner is not None:
+                g.addcmul_(q, g_inner[:, :, None])
+            if g_sx2 is not None:
+                g.addcmul_(p, g_sx2[:, :, None], value=2.0)
+            s = torch.linalg.vecdot(p, g, dim=1)[:, None]  # (B, 1, chunk)
+            torch.mul(g.sub_(s), p, out=dz[:, :, part])  # a strided view of the buffer: written in place
+            if masked:
+                dz[:, :, part].mul_(kf[:, :, part])
+        return dz.view_as(probs), None, None, None, None
 
 
 def soft_statistics(
