@@ -36,6 +36,34 @@ def _scatter_bc(values: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return out.scatter_add(1, index, values.reshape(b, -1))
 
 
+def smoothed_target_statistics(
+    probs: torch.Tensor,
+    target: SmoothedLabels,
+    labels: torch.Tensor,
+    keepf: torch.Tensor,
+    a: torch.Tensor,
+    w: torch.Tensor,
+    need_squares: bool = False,
+    need_max: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The statistics of a smoothed target ``y_ic = a_i + w_i [l_i = c]`` that take no gradient: ``sy`` (and
+    ``sy2``), and the maxima of ``need_max`` (``ymax``, ``xmax``, ``xymax``), each ``(B, C)``."""
+    b, c = probs.shape[:2]
+    with torch.no_grad():
+        stats = {"sy": a.sum((1, 2))[:, None] + _scatter_bc(w, labels, c)}
+        if need_squares:
+            stats["sy2"] = (a * a).sum((1, 2))[:, None] + _scatter_bc(((a + w) ** 2 - a * a) * keepf, labels, c)
+        if need_max in ("LABEL", "BOTH"):
+            top = (a + w).reshape(b, -1)
+            ymax = probs.new_zeros(b, c).scatter_reduce(1, labels.reshape(b, -1), top, "amax")
+            stats["ymax"] = torch.maximum(ymax, a.amax((1, 2))[:, None].expand(b, c))
+        if need_max in ("PROB", "BOTH"):
+            stats["xmax"] = (probs * keepf[:, None]).amax((2, 3))
+        if need_max == "BOTH":
+            stats["xymax"] = ((probs + target.to_dense()) * keepf[:, None]).amax((2, 3))
+    return stats
+
+
 def class_statistics(
     probs: torch.Tensor,
     target: Target,
@@ -65,24 +93,12 @@ def class_statistics(
         e = target.eps.to(probs.dtype) * keepf
         a = e / c
         w = (1 - e) * keepf
-        stats["sy"] = a.sum((1, 2))[:, None] + _scatter_bc(w, labels, c)
         if need_inner:
             stats["inner"] = torch.einsum("bchw,bhw->bc", probs, a) + _scatter_bc(w * x_lab, labels, c)
         off = torch.einsum("bchw,bhw->bc", (probs - a[:, None]).abs(), keepf)
         fix = ((x_lab - a - w).abs() - (x_lab - a).abs()) * keepf
         stats["diff"] = off + _scatter_bc(fix, labels, c)
-        if need_squares:
-            stats["sy2"] = (a * a).sum((1, 2))[:, None] + _scatter_bc(((a + w) ** 2 - a * a) * keepf, labels, c)
-        if need_max is not None:
-            with torch.no_grad():
-                if need_max in ("LABEL", "BOTH"):
-                    top = (a + w).reshape(b, -1)
-                    ymax = probs.new_zeros(b, c).scatter_reduce(1, labels.reshape(b, -1), top, "amax")
-                    stats["ymax"] = torch.maximum(ymax, a.amax((1, 2))[:, None].expand(b, c))
-                if need_max in ("PROB", "BOTH"):
-                    stats["xmax"] = (probs * keepf[:, None]).amax((2, 3))
-                if need_max == "BOTH":
-                    stats["xymax"] = ((probs + target.to_dense()) * keepf[:, None]).amax((2, 3))
+        stats.update(smoothed_target_statistics(probs, target, labels, keepf, a, w, need_squares, need_max))
     else:
         y = target.to(probs.dtype)
         stats["sy"] = torch.einsum("bchw,bhw->bc", y, keepf)

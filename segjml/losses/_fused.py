@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from segjml.labels.soft_labels import SmoothedLabels
-from segjml.losses._functional import hard_sums, hard_sums_backward
+from segjml.losses._functional import _scatter_bc, hard_sums, hard_sums_backward, smoothed_target_statistics
 
 # Smoothed pixels beyond this share of the kept pixels (plain label smoothing) go through the dense soft node.
 SMOOTHED_SHARE_LIMIT = 0.5
@@ -115,32 +115,14 @@ def smoothed_statistics(
     probs, sx, inner_h, sx2, dcorr, icorr = _SmoothedStatistics.apply(
         logits, labels, keepf, a, w, bi, ni, need_inner, need_squares
     )
-    count = _scatter(keepf, labels, c)
+    count = _scatter_bc(keepf, labels, c)
     stats = {"sx": sx, "diff": sx + count - 2 * inner_h + dcorr}
-    with torch.no_grad():
-        stats["sy"] = a.sum((1, 2))[:, None] + _scatter(w, labels, c)
-        if need_squares:
-            stats["sy2"] = (a * a).sum((1, 2))[:, None] + _scatter(((a + w) ** 2 - a * a) * keepf, labels, c)
     if need_inner:
         stats["inner"] = inner_h + icorr
     if need_squares:
         stats["sx2"] = sx2
-    if need_max is not None:
-        with torch.no_grad():
-            if need_max in ("LABEL", "BOTH"):
-                top = (a + w).reshape(b, -1)
-                ymax = probs.new_zeros(b, c).scatter_reduce(1, labels.reshape(b, -1), top, "amax")
-                stats["ymax"] = torch.maximum(ymax, a.amax((1, 2))[:, None].expand(b, c))
-            if need_max in ("PROB", "BOTH"):
-                stats["xmax"] = (probs * keepf[:, None]).amax((2, 3))
-            if need_max == "BOTH":
-                stats["xymax"] = ((probs + target.to_dense()) * keepf[:, None]).amax((2, 3))
+    stats.update(smoothed_target_statistics(probs, target, labels, keepf, a, w, need_squares, need_max))
     return probs, stats
-
-
-def _scatter(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    b = labels.shape[0]
-    return values.new_zeros(b, num_classes).scatter_add(1, labels.reshape(b, -1), values.reshape(b, -1))
 
 
 def _chunks(b: int, c: int, n: int, elements: int = 1 << 22) -> list[slice]:
