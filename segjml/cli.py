@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger("segjml")
 
@@ -26,8 +27,6 @@ class UserError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "the input is wrong" (every other exception is a bug and keeps its traceback)."""
-    from omegaconf.errors import MissingMandatoryValue
-
     from segjml.data.errors import DataError
     from segjml.engine.checkpoint import CheckpointError
     from segjml.engine.distillation import TeacherError
@@ -52,15 +51,9 @@ def one_line(err: BaseException) -> str:
     if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(err, _missing_value()) and lines:  # "Missing mandatory value: ckpt" + OmegaConf's key details
+    if isinstance(err, MissingMandatoryValue) and lines:  # "Missing mandatory value: ckpt" + OmegaConf's key details
         return f"{lines[0]}; give it on the command line ({lines[0].rsplit(' ', 1)[-1]}=...)"
     return " ".join(lines) or type(err).__name__
-
-
-def _missing_value() -> type[BaseException]:
-    from omegaconf.errors import MissingMandatoryValue
-
-    return MissingMandatoryValue
 
 
 def guarded(cfg: DictConfig, fn: Callable[[], Any]) -> Any:

@@ -41,12 +41,15 @@ def installed(tmp_path_factory):
     return target, env
 
 
+def run(command, cwd, env, timeout=600):
+    """A command of the installed wheel, run from ``cwd`` with the wheel first on ``sys.path``."""
+    return subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_the_package_comes_from_the_wheel_with_its_version_and_configs(installed, tmp_path):
     target, env = installed
     code = "import segjml, segjml.config as c; print(segjml.__file__); print(segjml.__version__); print(c.CONFIG_DIR)"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    ).stdout.split()
+    out = run([sys.executable, "-c", code], tmp_path, env).stdout.split()
     version = metadata.version("segjml")
     assert out[0].startswith(str(target)) and out[1] == version
     assert (target / "segjml" / "configs" / "train.yaml").is_file()
@@ -55,50 +58,23 @@ def test_the_package_comes_from_the_wheel_with_its_version_and_configs(installed
 
 def test_segjml_train_from_an_empty_folder_writes_metrics(installed, tmp_path):
     target, env = installed
-    proc = subprocess.run(
-        [str(target / "bin" / "segjml-train"), "trainer.max_iters=3", "trainer.progress=false"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run([target / "bin" / "segjml-train", "trainer.max_iters=3", "trainer.progress=false"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "outputs" / "synthetic_demo_ce_jml" / "trainer.max_iters=3"
-    assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    run_dir = tmp_path / "outputs" / "synthetic_demo_ce_jml" / "trainer.max_iters=3"
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
 
-    evaluated = subprocess.run(
-        [
-            str(target / "bin" / "segjml-eval"),
-            f"ckpt='{run / 'checkpoints' / 'last.pt'}'",
-            "limit_samples=4",
-            "num_workers=0",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ckpt = f"ckpt='{run_dir / 'checkpoints' / 'last.pt'}'"
+    evaluated = run([target / "bin" / "segjml-eval", ckpt, "limit_samples=4", "num_workers=0"], tmp_path, env)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert len(list((tmp_path / "outputs" / "eval").rglob("metrics.json"))) == 1
 
 
 def test_python_m_tools_run_from_the_wheel(installed, tmp_path):
     target, env = installed
-    validate = subprocess.run(
-        [sys.executable, "-m", "segjml.data.validate", "dataset=synthetic"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    validate = run([sys.executable, "-m", "segjml.data.validate", "dataset=synthetic"], tmp_path, env)
     assert validate.returncode == 0, validate.stderr[-2000:]
     assert "generated data set" in validate.stdout
-    models = subprocess.run(
-        [sys.executable, "-m", "segjml.models"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    models = run([sys.executable, "-m", "segjml.models"], tmp_path, env)
     assert models.returncode == 0, models.stderr[-2000:]
     assert "dl3_r18" in models.stdout and "segformer_b0" in models.stdout
 
