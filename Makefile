@@ -48,10 +48,14 @@ reproduce: $(STAMP) ## Train the paper's tables (TABLES=2,4 LAUNCHER=submitit_sl
 reproduce-smoke: $(STAMP) ## The same pipeline on synthetic data with a tiny model (CPU, < 10 min): tables + figures
 	$(PY) scripts/reproduce.py --smoke --launcher inprocess -- $(ARGS)
 
+JOBS ?= 2
+claims: $(STAMP) ## The paper's claims at the demo's scale: 6 losses x 3 seeds + BLS eps sweeps (2 CPU cores, ~30 min)
+	$(PY) scripts/reproduce.py --claims --launcher local --jobs $(JOBS) -- $(ARGS)
+
 tables: $(STAMP) ## Rebuild the tables from the finished runs (TABLES=...)
 	$(PY) scripts/make_tables.py --tables $(TABLES) -- $(ARGS)
 
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-slow lint models bench reproduce reproduce-smoke tables clean
+.PHONY: help install demo test test-slow lint models bench reproduce reproduce-smoke claims tables clean

@@ -1,6 +1,8 @@
 """Run a grid: skip finished runs, train teachers before their students, on one of three back ends.
 
-- ``local``: one ``python train.py ...`` process per run, one after the other (a workstation or one GPU node).
+- ``local``: one ``python train.py ...`` process per run, one after the other (a workstation or one GPU node); with
+  ``jobs > 1``, that many runs of a stage side by side, each given ``cpu_count // jobs`` threads (small CPU runs use
+  two cores better as two one-thread processes than as one two-thread process).
 - ``inprocess``: the same runs composed with Hydra's compose API and trained in this process (no interpreter start-up
   per run; used by ``make reproduce-smoke``).
 - any Hydra launcher (``submitit_slurm``, ``submitit_local``, ``basic``...): ``python train.py -m
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -127,10 +130,28 @@ def run_inprocess(run: Run, log_dir: Path, extra: Sequence[str]) -> None:
         raise KeyboardInterrupt(f"{run} stopped by a signal at iteration {result['stopped_at']}")
 
 
+def _thread_env(jobs: int) -> dict[str, str] | None:
+    """Environment of one of ``jobs`` side-by-side processes: an equal share of the cores (``None``: inherit)."""
+    if jobs <= 1:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
 def execute(
-    grid: Grid, launcher: str, log_dir: Path, extra: Sequence[str] = (), dry_run: bool = False, echo=print
+    grid: Grid,
+    launcher: str,
+    log_dir: Path,
+    extra: Sequence[str] = (),
+    dry_run: bool = False,
+    echo=print,
+    jobs: int = 1,
 ) -> list[Run]:
-    """Run (or with ``dry_run`` list) every unfinished run of ``grid``; returns the runs that did not finish."""
+    """Run (or with ``dry_run`` list) every unfinished run of ``grid``; returns the runs that did not finish.
+
+    ``jobs``: with the ``local`` launcher, how many runs of a stage train side by side.
+    """
+    if jobs < 1 or (jobs > 1 and launcher != "local"):
+        raise ValueError(f"jobs={jobs}: use a positive number, and more than 1 only with the local launcher")
     runs = grid.runs
     n_done = sum(r.done(log_dir, extra) for r in runs)
     echo(
@@ -169,6 +190,10 @@ def execute(
                     echo(f"# failed {step_runs[0]}: {err}")
             elif launcher.startswith("submitit"):  # submitters: SLURM runs the stage's sweeps side by side
                 pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT)))
+            elif jobs > 1:
+                while len(pending) >= jobs:
+                    pending = _wait_any(pending)
+                pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT, env=_thread_env(jobs))))
             else:
                 subprocess.run(cmd, cwd=ROOT)
         for _, proc in pending:
@@ -179,3 +204,12 @@ def execute(
         for run in failed:
             echo(f"#   {run}")
     return failed
+
+
+def _wait_any(pending: list[tuple[list[Run], subprocess.Popen]]) -> list[tuple[list[Run], subprocess.Popen]]:
+    """Block until one of ``pending``'s processes exits; the ones still running."""
+    while True:
+        running = [(runs, proc) for runs, proc in pending if proc.poll() is None]
+        if len(running) < len(pending):
+            return running
+        time.sleep(0.5)
