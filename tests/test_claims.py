@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segjml.reproduce import runner
 from segjml.reproduce.claims import (
@@ -186,3 +187,14 @@ def test_claims_dry_run_lists_every_run_with_its_command():
 def test_check_text_is_readable():
     check = Check("miou", (("JML-BLS", 1), ("JML", -1), ("CE-BLS", -1), ("CE", 1)), 1)
     assert check.text() == "miou: JML-BLS - JML - CE-BLS + CE > 0"
+
+
+def test_boundary_share_of_a_hand_drawn_map():
+    """A 2x2 square of class 1 in a 6x6 background, one ignored pixel far from it: k = 3 boundary by hand."""
+    from segjml.reproduce.claims import boundary_share
+
+    label = torch.zeros(1, 6, 6, dtype=torch.long)
+    label[0, 2:4, 2:4] = 1
+    label[0, 5, 5] = 255
+    # boundary: the 4 square pixels and the 12 background pixels of the ring around them (rows/cols 1..4)
+    assert boundary_share(label) == pytest.approx(16 / 35)
