@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from segjml.labels import boundary_label_smoothing, boundary_map, distillation_targets, near_ignore_map
+from segjml.losses import CrossEntropyLoss
 
 IG = 255  # the ignore value
 
@@ -112,12 +113,102 @@ def test_k_inf_is_label_smoothing_everywhere_and_ignored_rows_are_zero():
     assert torch.allclose(dense[:, 5, 5], torch.tensor([0.9, 0.1]))
 
 
-def test_strict_ignore_drops_pixels_next_to_ignore():
-    labels = torch.tensor([[[0, 0, 0, 1], [0, 0, 0, 1], [IG, 0, 0, 1]]])
-    strict = boundary_label_smoothing(labels, 2, 0.5, 3, strict_ignore=True)
-    assert strict.labels[0, 1, 0] == IG and strict.labels[0, 1, 1] == IG
-    assert strict.labels[0, 0, 0] == 0
-    assert torch.equal(near_ignore_map(labels, 3)[0, :, :2], torch.tensor([[False, False], [True, True], [True, True]]))
+# A label map with a band of ignored pixels (row 2, columns 0-3) between classes 0 / 1 and class 2.
+BAND = torch.tensor(
+    [
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [IG, IG, IG, IG, 1, 1],
+        [2, 2, 2, 2, 2, 2],
+        [2, 2, 2, 2, 2, 2],
+    ]
+)
+# The default rule (REFERENCE.md section 2), worked out by hand for k = 3: (1, 2) and (1, 3) see the other class
+# across the 0 / 1 edge and stay boundary although their windows also hold ignored pixels; (3, 0)-(3, 2) see only
+# class 2 and ignored pixels, so they are not boundary; (3, 3) sees the 1 at (2, 4).
+BAND_DEFAULT = torch.tensor(
+    [
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 0, 0, 0],
+    ],
+    dtype=torch.bool,
+)
+# The authors' rule, by hand: boundary iff the window holds another class and no ignored pixel. Every pixel of
+# rows 1-3, columns 0-4 has an ignored pixel in its window, so only row 0 and column 5 keep their boundary pixels.
+BAND_STRICT = torch.tensor(
+    [
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 0],
+    ],
+    dtype=torch.bool,
+)
+
+
+def test_default_rule_on_an_ignore_band():
+    target = boundary_label_smoothing(BAND[None], 3, eps=0.5, kernel_size=3)
+    assert torch.equal(target.eps[0] > 0, BAND_DEFAULT)
+    assert torch.equal(boundary_map(BAND, 3), BAND_DEFAULT)
+    assert torch.equal(target.labels[0], BAND)
+
+
+def test_strict_rule_on_an_ignore_band():
+    target = boundary_label_smoothing(BAND[None], 3, eps=0.5, kernel_size=3, strict_ignore=True)
+    assert torch.equal(target.eps[0] > 0, BAND_STRICT)
+    assert torch.equal(target.eps[0][BAND_STRICT], torch.full((4,), 0.5, dtype=target.eps.dtype))
+    # the map of pixels whose window touches the band: rows 1-3, columns 0-4
+    near = torch.zeros(5, 6, dtype=torch.bool)
+    near[1:4, 0:5] = True
+    assert torch.equal(near_ignore_map(BAND, 3), near)
+
+
+def test_strict_pixels_near_ignore_keep_their_hard_label_and_count_in_the_loss():
+    target = boundary_label_smoothing(BAND[None], 3, eps=0.5, kernel_size=3, strict_ignore=True)
+    assert torch.equal(target.labels[0], BAND)  # nothing becomes ignored
+    dense = target.to_dense()[0]
+    assert torch.equal(dense[:, 1, 2], torch.tensor([1.0, 0.0, 0.0]))  # boundary under the default rule
+    assert torch.equal(dense[:, 3, 0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(dense[:, 2, 0], torch.zeros(3))  # ignored stays ignored
+    # CE against the strict target, computed by hand: every one of the 26 labelled pixels counts
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 3, 5, 6, generator=g)
+    logp = torch.log_softmax(logits[0], 0)
+    total, count = 0.0, 0
+    for i in range(5):
+        for j in range(6):
+            if BAND[i, j] == IG:
+                continue
+            e = 0.5 if BAND_STRICT[i, j] else 0.0
+            y = torch.full((3,), e / 3)
+            y[BAND[i, j]] += 1 - e
+            total += float(-(y * logp[:, i, j]).sum())
+            count += 1
+    assert count == 26
+    assert float(CrossEntropyLoss()(logits, target)) == pytest.approx(total / count)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_strict_rule_matches_its_definition_on_random_maps(k):
+    g = torch.Generator().manual_seed(10 + k)
+    label = torch.randint(0, 4, (2, 9, 11), generator=g)
+    label[label == 3] = IG
+    strict = boundary_label_smoothing(label, 3, eps=0.5, kernel_size=k, strict_ignore=True)
+    r = k // 2
+    for b in range(2):
+        expected = torch.zeros(9, 11, dtype=torch.bool)
+        for i in range(9):
+            for j in range(11):
+                window = label[b, max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1]
+                own = label[b, i, j]
+                if own != IG and not (window == IG).any() and (window != own).any():
+                    expected[i, j] = True
+        assert torch.equal(strict.eps[b] > 0, expected)
+        assert torch.equal(strict.labels[b], label[b])
 
 
 def test_distillation_targets_are_resized_tempered_distributions():
@@ -126,3 +217,30 @@ def test_distillation_targets_are_resized_tempered_distributions():
     p4 = distillation_targets(logits, (6, 6), temperature=4.0)
     assert p1.shape == (2, 4, 6, 6) and torch.allclose(p1.sum(1), torch.ones(2, 6, 6))
     assert p4.amax(1).mean() < p1.amax(1).mean()  # a higher temperature gives softer targets
+
+
+def _presets_with_bls():
+    from tests.helpers import compose_config, group_options
+
+    out = {}
+    for name in group_options("experiment"):
+        cfg = compose_config([f"experiment={name}"])
+        out[name] = (cfg.loss.bls, cfg.teacher.get("experiment"))
+    return out
+
+
+def test_every_paper_bls_preset_and_kd_teacher_uses_the_authors_rule():
+    presets = _presets_with_bls()
+    paper = {n for n in presets if n.split("_")[0] in ("cs", "voc", "ade", "dg")}
+    with_bls = {n for n in paper if presets[n][0] is not None}
+    assert len(with_bls) >= 41  # Tables 1-3, 8, 10, 13: every BLS cell and every KD teacher
+    for name in with_bls:
+        assert presets[name][0].strict_ignore is True, name
+    teachers = {presets[n][1] for n in paper if presets[n][1]}
+    bls_teachers = {t for t in teachers if presets[t][0] is not None}
+    assert len(bls_teachers) >= 4  # the KD teachers trained with BLS (one per data set) use the authors' rule too
+    for name in bls_teachers:
+        assert presets[name][0].strict_ignore is True, name
+    for name in presets:
+        if name.split("_")[0] in ("syn", "demo") and presets[name][0] is not None:
+            assert presets[name][0].strict_ignore is False, name  # the synthetic presets keep the default

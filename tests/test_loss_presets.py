@@ -10,7 +10,7 @@ from omegaconf import OmegaConf, open_dict
 
 from segjml.engine import train
 from segjml.engine.checkpoint import load_checkpoint
-from segjml.engine.distillation import TeacherError, build_teacher
+from segjml.engine.distillation import TeacherError, build_teacher, teacher_logits
 from segjml.losses import SegmentationCriterion
 from segjml.losses.lovasz import LovaszSoftmaxLoss
 from tests.helpers import CONFIG_DIR, compose_config, group_options
@@ -35,7 +35,8 @@ def test_loss_preset_trains(loss, tmp_path, teacher_checkpoint):
     assert state["iteration"] == cfg.trainer.max_iters
     if "kd" in loss:
         assert state["teacher_sha256"] is not None
-        assert any('"ce_teacher"' in line for line in lines)
+        # the authors' mix (loss/kd/default.yaml): KL teacher terms on the main and the auxiliary head
+        assert any('"kl_teacher"' in line and '"kl_aux_teacher"' in line for line in lines)
         after = load_checkpoint(teacher_checkpoint)["model"]
         assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher file is untouched
 
@@ -52,6 +53,23 @@ def test_teacher_is_frozen_and_checked(teacher_checkpoint, tmp_path):
         cfg.teacher.model = other.model
     with pytest.raises(TeacherError, match="does not fit the model: tensor '"):
         build_teacher(cfg.teacher, cfg.dataset.num_classes, torch.device("cpu"))
+
+
+def test_teacher_gives_its_aux_head_in_eval_mode_when_the_mix_needs_it(teacher_checkpoint, tmp_path):
+    cfg = compose_config(["debug=fast", "loss=ce_jml_kd", f"teacher.checkpoint={teacher_checkpoint}"], tmp_path)
+    assert instantiate(cfg.loss).needs_teacher_aux
+    teacher, _ = build_teacher(cfg.teacher, cfg.dataset.num_classes, torch.device("cpu"))
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    both = teacher_logits(teacher, image, with_aux=True)
+    assert not teacher.training and set(both) == {"out", "aux"}
+    assert both["aux"].shape == both["out"].shape == (2, cfg.dataset.num_classes, 32, 32)
+    with torch.no_grad():
+        reference = teacher(image, with_aux=True)
+    assert torch.equal(both["aux"], reference["aux"].float()) and torch.equal(both["out"], reference["out"].float())
+    assert set(teacher_logits(teacher, image)) == {"out"}
+    with open_dict(cfg):
+        cfg.loss.kd.mix = "label_aux"
+    assert not instantiate(cfg.loss).needs_teacher_aux
 
 
 def test_kd_without_teacher_checkpoint_is_refused(tmp_path):
@@ -132,6 +150,7 @@ def test_kd_presets_take_the_kd_weights_from_the_kd_group():
         "jml_label": 0.5,
         "jml_teacher": 0.5,
         "active_classes": "LABEL",
+        "mix": "authors",
     }
     for loss in ("ce_kd", "ce_jml_kd"):
         assert _node([f"loss={loss}"])["kd"] == kd
@@ -181,3 +200,35 @@ def test_lovasz_weight_is_checked_in_one_line(overrides, message):
 def test_lovasz_takes_a_zero_jml_weight():
     criterion = _criterion(_node(["loss=lovasz", "+loss.jml_weight=0"]))
     assert (criterion.jml_weight, criterion.iou_weight) == (0, 0.75)
+
+
+def test_kd_with_accumulation_gives_the_loss_and_gradient_of_the_whole_batch(teacher_checkpoint, tmp_path):
+    """The teacher's ``out`` and ``aux`` logits of every micro-batch are put together for the loss of the batch."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from segjml.engine.trainer import TrainState, build_run, train_step
+
+    def run_and_step(micro):
+        torch.manual_seed(0)
+        overrides = ["debug=fast", "loss=ce_jml_kd", f"teacher.checkpoint={teacher_checkpoint}", "optimizer.lr=0.0"]
+        run = build_run(compose_config([*overrides, "optimizer.weight_decay=0.0", "trainer.batch_size=8"], tmp_path))
+        run.model.train()
+        for m in run.model.modules():  # as in test_accumulation.py: per-micro-batch statistics and dropout off
+            if isinstance(m, (_BatchNorm, torch.nn.Dropout2d)):
+                m.eval()
+        terms = train_step(run, TrainState(), micro)
+        return terms, {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
+
+    g = torch.Generator().manual_seed(8)
+    image = torch.randn(8, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 6, (8, 1, 4, 4), generator=g).float()
+    labels = torch.nn.functional.interpolate(labels, size=(32, 32), mode="nearest")[:, 0].long()
+    labels[:, :2, :2] = 255
+    whole, g_whole = run_and_step([(image, labels)])
+    parts, g_parts = run_and_step([(image[:4], labels[:4]), (image[4:], labels[4:])])
+    assert {"kl_teacher", "kl_aux_teacher", "iou_teacher"} <= set(whole)
+    for key in whole:
+        assert float(parts[key]) == pytest.approx(float(whole[key].detach()), rel=1e-5), key
+    assert g_whole.keys() == g_parts.keys() and g_whole
+    for name in g_whole:
+        assert torch.allclose(g_parts[name], g_whole[name], rtol=1e-4, atol=1e-6), name

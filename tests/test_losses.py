@@ -265,14 +265,62 @@ def test_miou_i_and_miou_c_weights():
     assert float(both) == pytest.approx(0.3 * miou_i + 0.7 * miou_c)
 
 
-def test_class_weights_weight_the_class_average():
+def test_class_weights_normalized_mode_is_the_weighted_mean():
     labels = torch.tensor([[[0, 0, 1, 1]]])
     logits = torch.randn(1, 2, 1, 4)
     x = logits.softmax(1)[0, :, 0].numpy()
     y = np.eye(2)[labels[0, 0].numpy()].T
     per = [eq7_jml1(x[c], y[c]) for c in range(2)]
-    value = JaccardMetricLoss(smooth=0.0, class_weights=[1.0, 3.0])(logits, labels)
+    value = JaccardMetricLoss(smooth=0.0, class_weights=[1.0, 3.0], class_weights_mode="normalized")(logits, labels)
     assert float(value) == pytest.approx((per[0] + 3 * per[1]) / 4)
+
+
+def _weighted_case():
+    """Two images, three classes; class 1 appears only in image 1, so it is inactive (PRESENT) in image 0."""
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(2, 3, 3, 4, generator=g)
+    labels = torch.tensor([[[0, 0, 2, 2]] * 3, [[0, 1, 1, 2]] * 3])
+    x = logits.softmax(1).numpy()
+    y = np.eye(3)[labels.numpy()].transpose(0, 3, 1, 2)
+    per_image = np.array([[eq7_jml1(x[b, c].ravel(), y[b, c].ravel()) for c in range(3)] for b in range(2)])
+    present = y.reshape(2, 3, -1).sum(-1) > 0
+    per_batch = np.array([eq7_jml1(x[:, c].ravel(), y[:, c].ravel()) for c in range(3)])
+    return logits, labels, per_image, present, per_batch
+
+
+W = np.array([2.0, 0.5, 3.0])
+
+
+def test_class_weights_scaled_mode_is_jdtloss_and_the_default():
+    logits, labels, per_image, present, per_batch = _weighted_case()
+    # mIoU^D: every class active in the batch; each loss times its weight, then the plain mean over classes
+    default = JaccardMetricLoss(smooth=0.0, class_weights=W.tolist())(logits, labels)
+    assert float(default) == pytest.approx((W * per_batch).sum() / 3)
+    # mIoU^I: per image, the plain mean of w_c l_bc over that image's active classes, then the mean over images
+    loss_i = JaccardMetricLoss(smooth=0.0, miou_d=0, miou_i=1, class_weights=W.tolist(), class_weights_mode="scaled")
+    expected_i = np.mean([(W * per_image[b])[present[b]].mean() for b in range(2)])
+    assert float(loss_i(logits, labels)) == pytest.approx(expected_i)
+    # mIoU^C: per class, the mean of w_c l_bc over the images where it is active, then the plain mean over classes
+    loss_c = JaccardMetricLoss(smooth=0.0, miou_d=0, miou_c=1, class_weights=W.tolist())
+    expected_c = np.mean([(W[c] * per_image[:, c])[present[:, c]].mean() for c in range(3)])
+    assert float(loss_c(logits, labels)) == pytest.approx(expected_c)
+
+
+def test_class_weights_normalized_mode_on_every_reduction():
+    logits, labels, per_image, present, per_batch = _weighted_case()
+    kw = {"smooth": 0.0, "class_weights": W.tolist(), "class_weights_mode": "normalized"}
+    assert float(JaccardMetricLoss(**kw)(logits, labels)) == pytest.approx((W * per_batch).sum() / W.sum())
+    expected_i = np.mean([(W * per_image[b])[present[b]].sum() / W[present[b]].sum() for b in range(2)])
+    assert float(JaccardMetricLoss(miou_d=0, miou_i=1, **kw)(logits, labels)) == pytest.approx(expected_i)
+    per_class = np.array([per_image[:, c][present[:, c]].mean() for c in range(3)])
+    expected_c = (W * per_class).sum() / W.sum()
+    assert float(JaccardMetricLoss(miou_d=0, miou_c=1, **kw)(logits, labels)) == pytest.approx(expected_c)
+
+
+def test_unknown_class_weights_mode_is_refused_in_one_line():
+    with pytest.raises(ValueError) as err:
+        JaccardMetricLoss(class_weights=[1.0, 2.0], class_weights_mode="mean")
+    _assert_one_line(err, "class_weights_mode 'mean'", "'scaled'", "'normalized'")
 
 
 # --- cross-entropy, label smoothing, Lovasz
@@ -361,7 +409,8 @@ def test_loss_mix_with_bls_and_teacher():
     out = {"out": torch.randn(2, 4, 8, 8, generator=g), "aux": torch.randn(2, 4, 8, 8, generator=g)}
     labels = torch.randint(0, 4, (2, 8, 8), generator=g)
     teacher = torch.randn(2, 4, 4, 4, generator=g)
-    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, bls={"kernel_size": 3, "eps": 0.5}, kd={})
+    kd = {"mix": "label_aux"}
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, bls={"kernel_size": 3, "eps": 0.5}, kd=kd)
     terms = mix(out, labels, teacher)
     smooth = boundary_label_smoothing(labels, 4, 0.5, 3)
     soft = torch.nn.functional.interpolate(teacher, size=(8, 8), mode="bilinear", align_corners=False).softmax(1)
@@ -372,6 +421,143 @@ def test_loss_mix_with_bls_and_teacher():
     assert float(terms["total"]) == pytest.approx(float(expected))
     with pytest.raises(ValueError, match="teacher"):
         mix(out, labels)
+
+
+# --- distillation mixes, against the formulas written with plain torch ops
+def _ce_ref(logits, labels, keep):
+    """Mean over kept pixels of -log softmax(logits)[label]."""
+    logp = torch.log_softmax(logits, 1)
+    nll = -logp.gather(1, torch.where(keep, labels, 0)[:, None])[:, 0]
+    return (nll * keep).sum() / keep.sum()
+
+
+def _probs_ref(teacher_logits, size, tau):
+    """Teacher logits bilinearly resized to the label size, then softmax at temperature tau."""
+    up = torch.nn.functional.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False)
+    return torch.softmax(up / tau, 1)
+
+
+def _kl_ref(logits, t, keep, tau):
+    """tau^2 * sum_c t (log t - log softmax(logits / tau)), explicit sum, averaged over kept pixels."""
+    log_q = torch.log_softmax(logits / tau, 1)
+    per_pixel = (t * (torch.log(t) - log_q)).sum(1)
+    return tau**2 * (per_pixel * keep).sum() / keep.sum()
+
+
+def _soft_ce_ref(logits, t, keep):
+    per_pixel = -(t * torch.log_softmax(logits, 1)).sum(1)
+    return (per_pixel * keep).sum() / keep.sum()
+
+
+def _jml_ref(logits, y, keep, active):
+    """JML-1 in the Tversky form with smoothing 1 over the whole batch, mean over the active classes.
+
+    ``y`` (B, C, H, W) the target distribution; ``active`` picks the classes from the target: ``PRESENT`` or
+    ``LABEL`` (the target's maximum over kept pixels above 0.01)."""
+    x = torch.softmax(logits, 1)
+    k = keep[:, None].to(x.dtype)
+    losses, mask = [], []
+    for c in range(x.shape[1]):
+        xc, yc = x[:, c] * k[:, 0], y[:, c] * k[:, 0]
+        tp = (xc.sum() + yc.sum() - (xc - yc).abs().sum()) / 2
+        fp, fn = xc.sum() - tp, yc.sum() - tp
+        losses.append(1 - (tp + 1) / (tp + fp + fn + 1))
+        mask.append(bool(yc.sum() > 0) if active == "PRESENT" else bool(yc.max() > 0.01))
+    return sum(v for v, m in zip(losses, mask) if m) / sum(mask)
+
+
+def _kd_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {"out": 2 * torch.randn(2, 4, 8, 8, generator=g), "aux": 2 * torch.randn(2, 4, 8, 8, generator=g)}
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g)
+    labels[0, :2, :3] = 255
+    labels[1, 6:, 5:] = 255
+    teacher = {"out": 3 * torch.randn(2, 4, 4, 4, generator=g), "aux": 3 * torch.randn(2, 4, 4, 4, generator=g)}
+    return out, labels, teacher
+
+
+KD_WEIGHTS = {"ce_label": 0.3, "ce_teacher": 0.7, "jml_label": 0.4, "jml_teacher": 0.6}
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_authors_kd_mix_is_the_formula(tau):
+    out, labels, teacher = _kd_case(21)
+    kd = {**KD_WEIGHTS, "temperature": tau, "mix": "authors"}
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, main_weight=0.6, aux_weight=0.4, kd=kd)
+    assert mix.needs_teacher_aux
+    terms = mix(out, labels, teacher)
+    keep = labels != 255
+    onehot = torch.nn.functional.one_hot(torch.where(keep, labels, 0), 4).permute(0, 3, 1, 2).double()
+    t, t_aux = _probs_ref(teacher["out"], (8, 8), tau), _probs_ref(teacher["aux"], (8, 8), tau)
+    s, s_aux = out["out"], out["aux"]
+    main = 0.3 * _ce_ref(s, labels, keep) + 0.7 * _kl_ref(s, t, keep, tau)
+    aux = 0.3 * _ce_ref(s_aux, labels, keep) + 0.7 * _kl_ref(s_aux, t_aux, keep, tau)
+    jml = 0.4 * _jml_ref(s, onehot, keep, "PRESENT") + 0.6 * _jml_ref(s, t, keep, "LABEL")
+    expected = 0.25 * (0.6 * main + 0.4 * aux) + 0.75 * jml
+    assert float(terms["total"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(terms["kl_teacher"]) == pytest.approx(float(_kl_ref(s, t, keep, tau)), rel=1e-6)
+    assert set(terms) == {"ce", "kl_teacher", "ce_aux", "kl_aux_teacher", "iou", "iou_teacher", "total"}
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_label_aux_kd_mix_is_the_formula(tau):
+    out, labels, teacher = _kd_case(22)
+    kd = {**KD_WEIGHTS, "temperature": tau, "mix": "label_aux"}
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, main_weight=0.6, aux_weight=0.4, kd=kd)
+    assert not mix.needs_teacher_aux
+    terms = mix(out, labels, teacher["out"])  # the main-head logits alone are enough
+    keep = labels != 255
+    onehot = torch.nn.functional.one_hot(torch.where(keep, labels, 0), 4).permute(0, 3, 1, 2).double()
+    t = _probs_ref(teacher["out"], (8, 8), tau)
+    s = out["out"]
+    main = 0.3 * _ce_ref(s, labels, keep) + 0.7 * _soft_ce_ref(s, t, keep)
+    jml = 0.4 * _jml_ref(s, onehot, keep, "PRESENT") + 0.6 * _jml_ref(s, t, keep, "LABEL")
+    expected = 0.25 * (0.6 * main + 0.4 * _ce_ref(out["aux"], labels, keep)) + 0.75 * jml
+    assert float(terms["total"]) == pytest.approx(float(expected), rel=1e-6)
+    assert set(terms) == {"ce", "ce_teacher", "ce_aux", "iou", "iou_teacher", "total"}
+
+
+def test_authors_mix_distils_the_aux_head_from_the_teachers_aux_head():
+    out, labels, teacher = _kd_case(23)
+    keep = labels != 255
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, kd={"temperature": 2.0})
+    terms = mix(out, labels, teacher)
+    from_aux = _kl_ref(out["aux"], _probs_ref(teacher["aux"], (8, 8), 2.0), keep, 2.0)
+    from_main = _kl_ref(out["aux"], _probs_ref(teacher["out"], (8, 8), 2.0), keep, 2.0)
+    assert float(terms["kl_aux_teacher"]) == pytest.approx(float(from_aux), rel=1e-6)
+    assert abs(float(from_aux) - float(from_main)) > 1e-3  # the two teacher heads give different terms
+    # changing the teacher's aux head changes only the aux teacher term
+    other = mix(out, labels, {"out": teacher["out"], "aux": teacher["out"]})
+    assert float(other["kl_aux_teacher"]) == pytest.approx(float(from_main), rel=1e-6)
+    for key in ("ce", "kl_teacher", "ce_aux", "iou", "iou_teacher"):
+        assert float(other[key]) == float(terms[key])
+
+
+def test_kl_term_has_the_soft_ce_gradient_at_temperature_one():
+    out, labels, teacher = _kd_case(24)
+    keep = labels != 255
+    mix = SegmentationCriterion(4, ce_weight=1.0, jml_weight=0.0, kd={"temperature": 1.0})
+    t = _probs_ref(teacher["out"], (8, 8), 1.0)
+    s1 = out["out"].clone().requires_grad_()
+    (g_kl,) = torch.autograd.grad(mix._kl_teacher(s1, t, keep), s1)
+    s2 = out["out"].clone().requires_grad_()
+    (g_ce,) = torch.autograd.grad(_soft_ce_ref(s2, t, keep), s2)
+    assert torch.allclose(g_kl, g_ce, rtol=1e-6, atol=1e-12)
+
+
+def test_authors_mix_needs_aux_outputs_from_teacher_and_student():
+    out, labels, teacher = _kd_case(25)
+    mix = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, kd={})
+    with pytest.raises(ValueError) as err:
+        mix(out, labels, teacher["out"])
+    _assert_one_line(err, "teacher gave no 'aux' logits", "loss.kd.mix=label_aux", "loss.aux_weight=0")
+    with pytest.raises(ValueError) as err:
+        mix({"out": out["out"]}, labels, teacher)
+    _assert_one_line(err, "student gave no 'aux' logits", "loss.kd.mix=label_aux", "loss.aux_weight=0")
+    # without an aux term the teacher's main head is enough
+    no_aux = SegmentationCriterion(4, ce_weight=0.25, jml_weight=0.75, aux_weight=0.0, kd={})
+    assert not no_aux.needs_teacher_aux
+    assert torch.isfinite(no_aux(out, labels, teacher["out"])["total"])
 
 
 # --- one-line errors for bad loss configs
@@ -412,6 +598,8 @@ def _assert_one_line(err, *fragments):
         ({"kd": {"jml_label": -1}}, ["loss.kd.jml_label=-1 is negative"]),
         ({"kd": {"jml_teacher": -0.25}}, ["loss.kd.jml_teacher=-0.25 is negative"]),
         ({"kd": {"temprature": 2.0}}, ["unknown key loss.kd.temprature", "temperature"]),
+        ({"kd": {"mix": "paper"}}, ["loss.kd.mix='paper'", "loss.kd.mix=authors", "loss.kd.mix=label_aux"]),
+        ({"bls": {"kernel_size": 3, "eps": 0.5, "strict_ignore": "yes"}}, ["loss.bls.strict_ignore='yes'", "true"]),
     ],
 )
 def test_bad_criterion_configs_raise_one_line_errors(kwargs, fragments):
@@ -432,6 +620,7 @@ def test_bad_criterion_configs_raise_one_line_errors(kwargs, fragments):
         {"ce_weight": 0.25, "jml_weight": 0.75, "bls": {"kernel_size": 5.0, "eps": 1.0}},
         {"ce_weight": 0.25, "jml_weight": 0.75, "kd": {}},
         {"ce_weight": 0.25, "jml_weight": 0.75, "kd": {"temperature": 4.0, "jml_label": 1.0, "jml_teacher": 0.0}},
+        {"ce_weight": 0.25, "jml_weight": 0.75, "kd": {"temperature": 2.0, "mix": "label_aux"}},
         {"ce_weight": 1.0, "jml_weight": 0.0, "iou_loss": "lovasz"},
     ],
 )
@@ -440,7 +629,9 @@ def test_valid_criterion_configs_construct_and_run(kwargs):
     mix = SegmentationCriterion(4, **kwargs)
     out = {"out": torch.randn(2, 4, 8, 8, generator=g), "aux": torch.randn(2, 4, 8, 8, generator=g)}
     labels = torch.randint(0, 4, (2, 8, 8), generator=g)
-    teacher = torch.randn(2, 4, 4, 4, generator=g) if mix.needs_teacher else None
+    teacher = None
+    if mix.needs_teacher:
+        teacher = {"out": torch.randn(2, 4, 4, 4, generator=g), "aux": torch.randn(2, 4, 4, 4, generator=g)}
     total = mix(out, labels, teacher)["total"]
     assert torch.isfinite(total) and float(total) > 0
 

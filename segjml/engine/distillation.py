@@ -53,7 +53,12 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, image: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Main-head logits of the frozen teacher (float32)."""
+def teacher_logits(
+    teacher: nn.Module, image: torch.Tensor, autocast_dtype: torch.dtype | None = None, with_aux: bool = False
+) -> dict[str, torch.Tensor]:
+    """Logits of the frozen teacher (float32, at the input size): ``{"out": ...}``, plus ``"aux"`` (its auxiliary
+    head, which an eval-mode model computes only when asked) with ``with_aux``."""
     with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return teacher(image, with_aux=False)["out"].float()
+        outputs = teacher(image, with_aux=with_aux)
+    keys = ("out", "aux") if with_aux else ("out",)
+    return {k: outputs[k].float() for k in keys if k in outputs}

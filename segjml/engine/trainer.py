@@ -275,10 +275,13 @@ def _student(run: Run, image: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in outputs.items()}
 
 
-def _forward(run: Run, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Student outputs (float32) and the teacher's logits, if distilling."""
+def _forward(run: Run, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Student outputs (float32) and the teacher's logits (``out``, and ``aux`` if the loss asks), if distilling."""
     outputs = _student(run, image)
-    return outputs, teacher_logits(run.teacher, image, run.autocast_dtype) if run.teacher is not None else None
+    if run.teacher is None:
+        return outputs, None
+    with_aux = bool(getattr(run.criterion, "needs_teacher_aux", False))
+    return outputs, teacher_logits(run.teacher, image, run.autocast_dtype, with_aux)
 
 
 def _backward(run: Run, loss: torch.Tensor) -> None:
@@ -322,7 +325,8 @@ def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor
     after = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
     full = {k: torch.cat([o[k] for o in outputs]).requires_grad_() for k in outputs[0]}
     target = torch.cat([t for _, t in micro])
-    terms = run.criterion(full, target, torch.cat(teacher) if run.teacher is not None else None)
+    soft = {k: torch.cat([t[k] for t in teacher]) for k in teacher[0]} if run.teacher is not None else None
+    terms = run.criterion(full, target, soft)
     if not _check_finite(run, terms, iteration):
         return terms, False
     keys = list(full)

@@ -56,7 +56,8 @@ def boundary_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int | 
 def near_ignore_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int = 255) -> torch.Tensor:
     """Boolean ``(B, H, W)`` map of pixels whose ``k x k`` window holds an ignored pixel (themselves included).
 
-    The authors' released code drops these pixels from boundary smoothing (the stricter rule).
+    The authors' released rule of boundary label smoothing (``strict_ignore``) never makes these pixels boundary
+    pixels; they keep their one-hot label and still count in the loss.
     """
     _check_kernel(kernel_size)
     ignored = (label == ignore_index).to(torch.float32)

@@ -90,24 +90,31 @@ def boundary_label_smoothing(
 ) -> SmoothedLabels:
     """Boundary label smoothing: smooth only pixels whose ``k x k`` window holds another class.
 
+    Two rules for pixels next to an ignored pixel (``docs/losses.md``); under both, ignored pixels stay ignored,
+    every other pixel keeps its label and counts in the loss, and only the boundary map differs:
+
+    - default (``strict_ignore=False``): an ignored neighbour does not make a pixel boundary, but a pixel whose
+      window holds another class is boundary even if the window also holds an ignored pixel;
+    - ``strict_ignore=True`` (the authors' released rule): a pixel is boundary iff its window holds another class
+      and holds no ignored pixel; a pixel whose window touches an ignored pixel keeps its one-hot label.
+
     Args:
         labels: ``(B, H, W)`` int64 hard labels.
         num_classes: ``C``.
         eps: smoothing coefficient on boundary pixels (paper default 0.5).
-        kernel_size: odd ``k`` (paper default 3); ``math.inf`` smooths every pixel (plain label smoothing).
+        kernel_size: odd ``k`` (paper default 3); ``math.inf`` smooths every kept pixel (plain label smoothing,
+            where ``strict_ignore`` has no effect).
         ignore_index: ignored value.
-        strict_ignore: the authors' released rule: pixels whose window touches an ignored pixel become ignored.
+        strict_ignore: the authors' rule above instead of the default.
     """
     check_smoothing_eps(eps)
     check_kernel_size(kernel_size)
-    keep = labels != ignore_index
     if math.isinf(kernel_size):
-        mask = keep
+        mask = labels != ignore_index
     else:
         mask = boundary_map(labels, int(kernel_size), ignore_index)
-    if strict_ignore and not math.isinf(kernel_size):
-        labels = labels.masked_fill(near_ignore_map(labels, int(kernel_size), ignore_index), ignore_index)
-        mask = mask & (labels != ignore_index)
+        if strict_ignore:
+            mask = mask & ~near_ignore_map(labels, int(kernel_size), ignore_index)
     return SmoothedLabels(labels, mask.to(torch.get_default_dtype()) * eps, num_classes, ignore_index)
 
 

@@ -1,9 +1,19 @@
 """The loss mix of the paper: cross-entropy + Jaccard metric loss, on labels, smoothed labels and a teacher.
 
-``L = lambda_CE * (w_main * CE_main + w_aux * CE(aux)) + lambda_JML * JML_main`` (paper eq. 10, recipe in
-``docs/losses.md``), where with a teacher (eq. 11-13)
-``CE_main = mu_L * CE(S, L) + mu_T * CE(S, T)`` and ``JML_main = nu_L * JML(S, L) + nu_T * JML(S, T)``.
-``L`` is the hard label or its boundary-smoothed version; ``T`` the teacher's probabilities at temperature ``tau``.
+``L = lambda_CE * (w_main * CE_main + w_aux * CE_aux) + lambda_JML * JML_main`` (paper eq. 10, recipe in
+``docs/losses.md``), where without a teacher ``CE_main = CE(S, L)``, ``CE_aux = CE(S_aux, L)`` and
+``JML_main = JML(S, L)``, and with a teacher (eq. 11-13) ``JML_main = nu_L * JML(S, L) + nu_T * JML(S, T)`` and,
+by ``loss.kd.mix``,
+
+- ``authors`` (the authors' released code): ``CE_main = mu_L * CE(S, L) + mu_T * KL_tau(S, T)`` and
+  ``CE_aux = mu_L * CE(S_aux, L) + mu_T * KL_tau(S_aux, T_aux)``, where ``KL_tau`` is the KL divergence between the
+  teacher's and the student's softmax at temperature ``tau``, times ``tau^2``, and ``T_aux`` comes from the
+  teacher's auxiliary head;
+- ``label_aux``: ``CE_main = mu_L * CE(S, L) + mu_T * CE(S, T)`` (student at temperature 1) and
+  ``CE_aux = CE(S_aux, L)``.
+
+``L`` is the hard label or its boundary-smoothed version; ``T`` the teacher's probabilities at temperature ``tau``,
+computed once per step and shared by the CE / KL and JML teacher terms.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from segjml.losses.jaccard import JaccardMetricLoss
 from segjml.losses.lovasz import LovaszSoftmaxLoss
 
 BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
+KD_MIXES = ("authors", "label_aux")
 KD_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "ce_label": 0.5,
@@ -35,6 +46,7 @@ KD_DEFAULTS: dict[str, Any] = {
     "jml_label": 0.5,
     "jml_teacher": 0.5,
     "active_classes": "LABEL",
+    "mix": "authors",
 }
 
 
@@ -82,8 +94,9 @@ class SegmentationCriterion(nn.Module):
         jml: keyword arguments of :class:`JaccardMetricLoss`.
         bls: ``{kernel_size, eps, strict_ignore}`` for boundary label smoothing of the label target
             (``kernel_size: inf`` = plain label smoothing), or ``None``.
-        kd: ``{temperature, ce_label, ce_teacher, jml_label, jml_teacher, active_classes}`` (mu_L, mu_T, nu_L,
-            nu_T; JML(S, T) uses ``active_classes``, ``LABEL`` in the paper), or ``None`` without a teacher.
+        kd: ``{temperature, ce_label, ce_teacher, jml_label, jml_teacher, active_classes, mix}`` (mu_L, mu_T, nu_L,
+            nu_T; JML(S, T) uses ``active_classes``, ``LABEL`` in the paper; ``mix`` is ``authors`` or
+            ``label_aux``, see the module docstring), or ``None`` without a teacher.
     """
 
     def __init__(
@@ -140,6 +153,9 @@ class SegmentationCriterion(nn.Module):
             _check_keys("loss.bls", self.bls, BLS_KEYS)
             self.bls["kernel_size"] = _parse_kernel_size(self.bls.get("kernel_size", 3))
             check_smoothing_eps(self.bls.get("eps", 0.5), "loss.bls.eps")
+            strict = self.bls.get("strict_ignore", False)
+            if not isinstance(strict, bool):
+                raise ValueError(f"loss.bls.strict_ignore={strict!r} must be true or false")
         self.kd = None
         if kd is not None:
             _check_keys("loss.kd", kd, KD_DEFAULTS)
@@ -147,6 +163,11 @@ class SegmentationCriterion(nn.Module):
             check_temperature(self.kd["temperature"], "loss.kd.temperature")
             for key in ("ce_label", "ce_teacher", "jml_label", "jml_teacher"):
                 _check_weight(f"loss.kd.{key}", self.kd[key])
+            if self.kd["mix"] not in KD_MIXES:
+                raise ValueError(
+                    f"loss.kd.mix={self.kd['mix']!r} is not a distillation mix; set loss.kd.mix=authors (the aux head "
+                    "also distils from the teacher's aux head, KL at the temperature) or loss.kd.mix=label_aux"
+                )
         self.ce = CrossEntropyLoss(ignore_index)
         jml_args = {"ignore_index": ignore_index, **dict(jml or {})}
         if iou_loss == "jml":
@@ -165,13 +186,44 @@ class SegmentationCriterion(nn.Module):
     def needs_teacher(self) -> bool:
         return self.kd is not None
 
+    @property
+    def needs_teacher_aux(self) -> bool:
+        """Whether the teacher must also give its auxiliary head's logits (``aux``): ``loss.kd.mix=authors``."""
+        return self.kd is not None and self.kd["mix"] == "authors" and self.aux_weight > 0
+
+    def _kl_teacher(self, logits: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``tau^2 * KL(probs || softmax(logits / tau))`` summed over classes, averaged over the kept pixels.
+
+        Computed as ``tau^2 * (CE(logits / tau, probs) - H(probs))``: the CE term is the fused soft cross-entropy,
+        the teacher's entropy takes no gradient.
+        """
+        tau = self.kd["temperature"]
+        cross = self.ce(logits if tau == 1 else logits / tau, probs, keep)
+        with torch.no_grad():
+            neg_entropy = torch.special.xlogy(probs, probs).sum(1)
+            neg_entropy = (neg_entropy * keep).sum() / keep.sum().clamp_min(1)
+        return tau * tau * (cross + neg_entropy.to(cross.dtype))
+
+    def _teacher_output(self, teacher: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+        if key not in teacher:
+            raise ValueError(
+                "loss.kd.mix=authors distils the auxiliary head from the teacher's auxiliary head, but the teacher "
+                "gave no 'aux' logits; use a teacher with an auxiliary head, or set loss.kd.mix=label_aux or "
+                "loss.aux_weight=0"
+            )
+        return teacher[key]
+
     def forward(
-        self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor, teacher_logits: torch.Tensor | None = None
+        self,
+        outputs: Mapping[str, torch.Tensor],
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Args:
         outputs: model outputs, ``out`` (B, C, H, W) and optionally ``aux``.
         target: hard labels ``(B, H, W)``.
-        teacher_logits: ``(B, C, h, w)`` teacher logits when distilling.
+        teacher_logits: when distilling, the teacher's outputs ``{"out": (B, C, h, w), "aux": (B, C, h, w)}``
+            (``aux`` needed with :attr:`needs_teacher_aux`), or its main-head logits alone.
         """
         main = outputs["out"]
         label = target
@@ -179,17 +231,34 @@ class SegmentationCriterion(nn.Module):
             label = boundary_label_smoothing(target, self.num_classes, ignore_index=self.ignore_index, **self.bls)
         terms: dict[str, torch.Tensor] = {"ce": self.ce(main, label)}
         ce_main = terms["ce"]
+        has_aux = "aux" in outputs and self.aux_weight > 0
+        authors = self.kd is not None and self.kd["mix"] == "authors"
         if self.kd is not None:
             if teacher_logits is None:
                 raise ValueError("this loss distils from a teacher (loss.kd is set) but no teacher logits were given")
-            soft = distillation_targets(teacher_logits, target.shape[-2:], self.kd["temperature"])
+            teacher = teacher_logits if isinstance(teacher_logits, Mapping) else {"out": teacher_logits}
+            if authors and self.aux_weight > 0 and "aux" not in outputs:
+                raise ValueError(
+                    "loss.kd.mix=authors distils the student's auxiliary head, but the student gave no 'aux' "
+                    "logits; use a model with an auxiliary head, or set loss.kd.mix=label_aux or loss.aux_weight=0"
+                )
+            # the teacher's probabilities at temperature tau: computed once, shared by the CE / KL and JML terms
+            soft = distillation_targets(teacher["out"], target.shape[-2:], self.kd["temperature"])
             keep = target != self.ignore_index  # the teacher is only asked about pixels that have a label
-            terms["ce_teacher"] = self.ce(main, soft, keep)
-            ce_main = self.kd["ce_label"] * ce_main + self.kd["ce_teacher"] * terms["ce_teacher"]
+            name = "kl_teacher" if authors else "ce_teacher"
+            terms[name] = self._kl_teacher(main, soft, keep) if authors else self.ce(main, soft, keep)
+            ce_main = self.kd["ce_label"] * ce_main + self.kd["ce_teacher"] * terms[name]
         ce_total = ce_main
-        if "aux" in outputs and self.aux_weight:
+        if has_aux:
             terms["ce_aux"] = self.ce(outputs["aux"], label)
-            ce_total = self.main_weight * ce_main + self.aux_weight * terms["ce_aux"]
+            ce_aux = terms["ce_aux"]
+            if authors:
+                aux_logits = self._teacher_output(teacher, "aux")
+                soft_aux = distillation_targets(aux_logits, target.shape[-2:], self.kd["temperature"])
+                terms["kl_aux_teacher"] = self._kl_teacher(outputs["aux"], soft_aux, keep)
+                del soft_aux
+                ce_aux = self.kd["ce_label"] * ce_aux + self.kd["ce_teacher"] * terms["kl_aux_teacher"]
+            ce_total = self.main_weight * ce_main + self.aux_weight * ce_aux
         total = self.ce_weight * ce_total
         if self.iou_weight:
             terms["iou"] = self.iou(main, label)

@@ -12,6 +12,8 @@ from segjml.losses import _functional as Fn
 from segjml.losses._fused import fused_statistics
 from segjml.losses.validation import check_target, upcast
 
+CLASS_WEIGHTS_MODES = ("scaled", "normalized")
+
 
 class JaccardMetricLoss(nn.Module):
     """Jaccard metric loss on logits with hard, smoothed or soft targets.
@@ -26,7 +28,10 @@ class JaccardMetricLoss(nn.Module):
         gamma: focal exponent applied to the per-class loss.
         log_loss: use ``-log(ratio)`` instead of ``1 - ratio``.
         smooth: added to numerator and denominator (keeps empty classes finite).
-        class_weights: per-class weights of the average over active classes.
+        class_weights: per-class weights ``w_c`` applied as ``class_weights_mode`` says.
+        class_weights_mode: ``scaled`` (default, the authors' form): each class loss is multiplied by ``w_c``, then the
+            plain mean over the active classes is taken, ``sum_A w_c l_c / |A|``; ``normalized``: the weighted
+            mean ``sum_A w_c l_c / sum_A w_c`` (formulas in ``docs/losses.md``).
         ignore_index: hard-label value of ignored pixels.
         active_classes: ``PRESENT``, ``ALL``, ``LABEL``, ``PROB``, ``BOTH``; ``None`` picks ``active_classes_hard``
             for hard targets and ``active_classes_soft`` for soft ones.
@@ -48,6 +53,7 @@ class JaccardMetricLoss(nn.Module):
         log_loss: bool = False,
         smooth: float = 1.0,
         class_weights: Sequence[float] | None = None,
+        class_weights_mode: str = "scaled",
         ignore_index: int = 255,
         active_classes: str | None = None,
         active_classes_hard: str = "PRESENT",
@@ -71,6 +77,12 @@ class JaccardMetricLoss(nn.Module):
         self.active_hard, self.active_soft = active_classes_hard, active_classes_soft
         self.miou_d, self.miou_i, self.miou_c, self.sync_stats = miou_d, miou_i, miou_c, sync_stats
         self.fused = fused
+        if class_weights_mode not in CLASS_WEIGHTS_MODES:
+            raise ValueError(
+                f"unknown class_weights_mode {class_weights_mode!r}; choose 'scaled' (each class loss times its "
+                "weight, plain mean over active classes) or 'normalized' (weighted mean)"
+            )
+        self.class_weights_mode = class_weights_mode
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -94,7 +106,12 @@ class JaccardMetricLoss(nn.Module):
         else:
             probs, stats = Fn.hard_statistics(upcast(logits), target, keep, sums["need_squares"], need_max)
         loss_args = (self.variant, self.alpha, self.beta, self.smooth, self.gamma, self.log_loss)
+        # scaled: w_c multiplies each class loss (below) and the class averages are plain means; normalized: the
+        # class averages are means weighted by w_c
         weights = self.class_weights
+        scale = weights is not None and self.class_weights_mode == "scaled"
+        if scale:
+            weights = None
         total = probs.new_zeros(())
         if self.miou_d:
             batch = {k: v.sum(0) for k, v in stats.items() if not k.endswith("max")}
@@ -102,10 +119,14 @@ class JaccardMetricLoss(nn.Module):
             if self.sync_stats:
                 batch = _all_reduce_stats(batch)
             per_class = Fn.jaccard_from_statistics(batch, *loss_args)
+            if scale:
+                per_class = per_class * self.class_weights
             value, _ = Fn.masked_mean(per_class, Fn.active_classes(batch, mode, self.threshold), weights)
             total = total + self.miou_d * value
         if self.miou_i or self.miou_c:
             per_image_class = Fn.jaccard_from_statistics(stats, *loss_args)
+            if scale:
+                per_image_class = per_image_class * self.class_weights
             active = Fn.active_classes(stats, mode, self.threshold)
             if self.miou_i:  # average over each image's active classes, then over images that have any
                 per_image, has_any = Fn.masked_mean(per_image_class, active, weights, dim=1)
