@@ -66,3 +66,24 @@ def test_flip_tta_of_an_equivariant_model_changes_nothing():
     assert torch.allclose(
         predict_probs(model, image, mode="slide", crop_size=(8, 8), flip=True).sum(1), torch.ones(1, 9, 14), atol=1e-5
     )
+
+
+def test_console_table_has_a_fine_grained_block():
+    from segjml.engine.report import format_table
+    from segjml.metrics import SegmentationMetrics
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.randn(3, 4, 8, 9, generator=g).softmax(1)
+    target = torch.randint(0, 4, (3, 8, 9), generator=g)
+    metrics = SegmentationMetrics(4, worst_q=20)
+    metrics.update(probs, target)
+    result = metrics.compute()
+    lines = format_table(result, ["a", "b", "c", "d"]).splitlines()
+    assert lines[lines.index("fine-grained (%)         mAcc     mIoU    mDice") + 4].split()[-3:] == [
+        f"{result[k]:.2f}" for k in ("acc_i_q20", "iou_i_q20", "dice_i_q20")
+    ]
+    assert lines[-1] == f"per-image calibration (%): ece_i {result['ece_i']:.2f}  sce_i {result['sce_i']:.2f}"
+    assert sum(line.startswith(("acc ", "miou ", "ece ")) for line in lines) == 3  # the main lines stay
+    # a result of an older run (main metrics only): no fine-grained block
+    old = {k: result[k] for k in ("acc", "miou", "miou_i", "miou_c", "ece", "bece", "sce", "bsce", "iou_per_class")}
+    assert "fine-grained" not in format_table(old, ["a", "b", "c", "d"])

@@ -1,5 +1,6 @@
-"""Metrics benchmark: one full ``SegmentationMetrics.update`` (Acc, mIoU^D/I/C, ECE, BECE, SCE, BSCE) against
-torchmetrics' ``MulticlassJaccardIndex.update`` alone, on the same batch, in the same run.
+"""Metrics benchmark: one full ``SegmentationMetrics.update`` (Acc; mAcc, mIoU, mDice at the D / I / C level and the
+per-image scores of the worst-case metrics; ECE, BECE, SCE, BSCE, ECE^I, SCE^I) against torchmetrics'
+``MulticlassJaccardIndex.update`` alone, on the same batch, in the same run.
 
 ``python -m segjml.bench metrics [--shapes 2x19x512x1024 2x150x512x1024] [--repeats 5] [--device cpu]``
 """

@@ -5,14 +5,36 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 SUMMARY_KEYS = ("acc", "miou", "miou_i", "miou_c", "ece", "bece", "sce", "bsce")
+"""The main metrics, one per line under the per-class table."""
+
+SCORE_COLUMNS = (("mAcc", "acc"), ("mIoU", "iou"), ("mDice", "dice"))
+"""Columns of the fine-grained block: header and the score's name in the metric keys."""
+
+
+def _fine_grained_rows(metrics: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(row label, keys of the mAcc / mIoU / mDice columns) of the fine-grained block, worst-case ``q`` read from
+    the keys (``iou_i_q<q>``)."""
+    worst_q = sorted(int(m.group(1)) for key in metrics if (m := re.fullmatch(r"iou_i_q(\d+)", key)))
+    rows = [
+        ("data set (D)", tuple(f"m{s}" for _, s in SCORE_COLUMNS)),
+        ("per image (I)", tuple(f"m{s}_i" for _, s in SCORE_COLUMNS)),
+        ("per class (C)", tuple(f"m{s}_c" for _, s in SCORE_COLUMNS)),
+    ]
+    rows += [(f"worst {q}% of images", tuple(f"{s}_i_q{q}" for _, s in SCORE_COLUMNS)) for q in worst_q]
+    rows.append(("worst, avg q=10..100", tuple(f"{s}_i_qavg" for _, s in SCORE_COLUMNS)))
+    return rows
 
 
 def format_table(metrics: dict, class_names: Sequence[str]) -> str:
-    """Per-class IoU table followed by the summary metrics (percent)."""
+    """Per-class IoU table, the main summary metrics (one per line), then the fine-grained block: mAcc / mIoU / mDice
+    at the data-set, image and class level and over the worst images, and the per-image calibration errors (all in
+    percent). Keys missing from ``metrics`` print as ``-``; rows without any, and the block when it would only repeat
+    ``miou``, are left out (``metrics.json`` of older runs)."""
     width = max(10, *(len(n) for n in class_names))
     lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 10)]
     for name, iou in zip(class_names, metrics.get("iou_per_class", [])):
@@ -21,6 +43,16 @@ def format_table(metrics: dict, class_names: Sequence[str]) -> str:
     for key in SUMMARY_KEYS:
         if key in metrics:
             lines.append(f"{key:<{width}}  {metrics[key]:7.2f}")
+    rows = [(label, keys) for label, keys in _fine_grained_rows(metrics) if any(k in metrics for k in keys)]
+    if any(k in metrics and k not in SUMMARY_KEYS for _, keys in rows for k in keys):  # not only `miou` again
+        label_width = max(len(label) for label, _ in rows)
+        lines += ["", f"{'fine-grained (%)':<{label_width}}" + "".join(f"  {h:>7}" for h, _ in SCORE_COLUMNS)]
+        for label, keys in rows:
+            cells = "".join(f"  {metrics[k]:7.2f}" if k in metrics else f"  {'-':>7}" for k in keys)
+            lines.append(f"{label:<{label_width}}{cells}")
+    calibration = [f"{key} {metrics[key]:.2f}" for key in ("ece_i", "sce_i") if key in metrics]
+    if calibration:
+        lines.append("per-image calibration (%): " + "  ".join(calibration))
     return "\n".join(lines)
 
 

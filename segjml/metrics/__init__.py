@@ -1,4 +1,5 @@
-"""Segmentation and calibration metrics (Acc, mIoU^D/I/C, ECE, BECE, SCE, BSCE).
+"""Segmentation and calibration metrics (Acc, mAcc / mIoU / mDice at D / I / C level, worst-case per-image scores,
+ECE, BECE, SCE, BSCE, ECE^I, SCE^I).
 
 ``SegmentationMetrics`` is the streaming ``torchmetrics.Metric``; ``segjml.metrics.functional`` holds the pure tensor
 functions it is built from (definitions in ``docs/metrics.md``).
@@ -6,38 +7,42 @@ functions it is built from (definitions in ``docs/metrics.md``).
 
 from segjml.metrics import functional
 from segjml.metrics.functional import (
+    accuracy_from_confusion,
     all_and_boundary,
     boundary_regions,
     calibration_histogram,
     class_calibration_histogram,
-    class_mean_iou,
+    class_mean,
     confusion_matrix,
+    dice_from_confusion,
     expected_calibration_error,
     image_confusion_matrices,
-    image_iou_statistics,
-    image_mean_iou,
+    image_statistics,
     iou_from_confusion,
     mean_iou,
     pixel_accuracy,
     static_calibration_error,
+    worst_case_mean,
 )
 from segjml.metrics.segmentation import SegmentationMetrics
 
 __all__ = [
     "SegmentationMetrics",
+    "accuracy_from_confusion",
     "all_and_boundary",
     "boundary_regions",
     "calibration_histogram",
     "class_calibration_histogram",
-    "class_mean_iou",
+    "class_mean",
     "confusion_matrix",
+    "dice_from_confusion",
     "expected_calibration_error",
     "functional",
     "image_confusion_matrices",
-    "image_iou_statistics",
-    "image_mean_iou",
+    "image_statistics",
     "iou_from_confusion",
     "mean_iou",
     "pixel_accuracy",
     "static_calibration_error",
+    "worst_case_mean",
 ]
