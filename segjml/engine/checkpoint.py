@@ -333,8 +333,17 @@ def load_trained(
     node = OmegaConf.create(_plain(node))
     node.pretrained = False  # every weight comes from the checkpoint
     model = build(node)
-    load_model_state(model, state["model"], f"checkpoint {path}")
+    load_model_state(model, evaluated_weights(state), f"checkpoint {path}")
     return model.to(device).eval(), state
+
+
+def evaluated_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The weights a checkpoint's run evaluated: the EMA teacher's for a semi-supervised run that evaluates its
+    teacher (``ssl.evaluate=teacher``, the figure AugSeg reports), else the model's."""
+    ssl = (state.get("config") or {}).get("ssl") or {}
+    if state.get("ema") is not None and ssl.get("evaluate", "teacher") == "teacher":
+        return state["ema"]["model"]
+    return state["model"]
 
 
 # --------------------------------------------------------------------------------------------------- RNG states

@@ -43,6 +43,7 @@ from segjml.engine.distillation import build_teacher, teacher_logits
 from segjml.engine.inference import evaluate, write_report
 from segjml.engine.logger import RunLogger
 from segjml.engine.optim import build_optimizer
+from segjml.engine.ssl import SemiSupervised, build_ssl, labeled_subset, split_training_set, ssl_terms, step_generator
 from segjml.metrics import SegmentationMetrics
 from segjml.utils import build
 
@@ -119,6 +120,7 @@ class Run:
     val_loader: torch.utils.data.DataLoader
     metrics: SegmentationMetrics
     class_names: list[str]
+    ssl: SemiSupervised | None = None  # semi-supervised runs (cfg.ssl, segjml/engine/ssl.py)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -164,10 +166,21 @@ def build_run(cfg: DictConfig) -> Run:
     train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
     val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
     class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
+    unlabeled_set = None
+    if cfg.dataset.get("labeled") is not None:  # a labeled split; the rest is the unlabeled stream of SSL runs
+        raw = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples, transform=False)
+        labeled_idx, unlabeled_idx = split_training_set(cfg.dataset, raw)
+        unlabeled_set = labeled_subset(train_set, unlabeled_idx)
+        train_set = labeled_subset(train_set, labeled_idx)
+        log.info("labeled split: %d labeled, %d unlabeled images", len(labeled_idx), len(unlabeled_idx))
+    elif cfg.get("ssl") is not None:
+        raise ValueError("ssl needs a labeled split: set dataset.labeled (a count, a fraction or a split file)")
     pin = device.type == "cuda"
-    train_loader = build_loader(
-        train_set, tcfg.batch_size, True, tcfg.num_workers, cfg.seed, dist.rank, dist.world_size, pin
-    )
+
+    def train_loader_of(dataset, batch_size: int, seed: int):
+        return build_loader(dataset, batch_size, True, tcfg.num_workers, seed, dist.rank, dist.world_size, pin)
+
+    train_loader = train_loader_of(train_set, tcfg.batch_size, cfg.seed)
     val_loader = build_loader(
         val_set, tcfg.val_batch_size, False, tcfg.num_workers, cfg.seed, dist.rank, dist.world_size, pin
     )
@@ -193,6 +206,9 @@ def build_run(cfg: DictConfig) -> Run:
     scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
     scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
+    ssl = None
+    if cfg.get("ssl") is not None:  # the unlabeled stream shuffles with its own seed
+        ssl = build_ssl(cfg, model, unlabeled_set, lambda ds, bs: train_loader_of(ds, bs, cfg.seed + 1), device)
     return Run(
         cfg,
         dist,
@@ -209,6 +225,7 @@ def build_run(cfg: DictConfig) -> Run:
         val_loader,
         metrics,
         class_names,
+        ssl,
     )
 
 
@@ -236,6 +253,10 @@ def resume(run: Run) -> TrainState:
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
+    if run.ssl is not None and run.ssl.teacher is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"{path} holds no EMA teacher; it was not written by a semi-supervised run")
+        run.ssl.teacher.load_state_dict(state["ema"])
     restore_rng_state(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
     log.info("resumed from %s at iteration %d", path, state["iteration"])
     return TrainState(state["iteration"], state["best_miou"], state["skipped"])
@@ -261,6 +282,7 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
             "skipped": state.skipped,
             "rng": rng,
             "teacher_sha256": run.teacher_hash,
+            "ema": run.ssl.teacher.state_dict() if run.ssl is not None and run.ssl.teacher is not None else None,
             "config": config,
             "config_sha256": config_hash(config),
         },
@@ -351,10 +373,29 @@ def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor
     return {k: v.detach() for k, v in terms.items()}, True
 
 
-def train_step(run: Run, state: TrainState, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """One optimizer step on the batch made of the micro-batches ``micro``; returns the loss terms."""
+def _ssl_forward_backward(run: Run, labeled, image_u: torch.Tensor | None, iteration: int) -> tuple[dict, bool]:
+    """Loss terms of one semi-supervised step (``segjml/engine/ssl.py``) and their backward pass."""
+    generator = step_generator(run.cfg.seed, iteration, run.dist.rank)
+    terms = ssl_terms(run.ssl, lambda x: _student(run, x), labeled, image_u, generator, run.autocast_dtype)
+    run.optimizer.zero_grad(set_to_none=True)
+    ok = _check_finite(run, terms, iteration)
+    if ok:
+        _backward(run, terms["total"])
+    return {k: v.detach() for k, v in terms.items()}, ok
+
+
+def train_step(
+    run: Run,
+    state: TrainState,
+    micro: list[tuple[torch.Tensor, torch.Tensor]],
+    unlabeled: torch.Tensor | None = None,
+) -> dict:
+    """One optimizer step on the batch made of the micro-batches ``micro`` (and, in SSL runs, the unlabeled
+    images ``unlabeled``); returns the loss terms."""
     iteration = state.iteration + 1
-    if len(micro) == 1:
+    if run.ssl is not None:
+        terms, ok = _ssl_forward_backward(run, micro[0], unlabeled, iteration)
+    elif len(micro) == 1:
         image, target = micro[0]
         outputs, soft = _forward(run, image)
         terms = run.criterion(outputs, target, soft)  # losses in fp32
@@ -375,6 +416,8 @@ def train_step(run: Run, state: TrainState, micro: list[tuple[torch.Tensor, torc
         state.skipped["amp"] += int(run.scaler.get_scale() < scale)  # the scale drops when a step was skipped
     else:
         run.optimizer.step()
+    if ok and run.ssl is not None:
+        run.ssl.after_step(run.model)  # the EMA teacher follows the student
     run.scheduler.step()
     state.iteration = iteration
     return terms
@@ -384,7 +427,7 @@ def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
     """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced)."""
     tcfg = run.cfg.trainer
     return evaluate(
-        run.model,
+        run.ssl.eval_model(run.model) if run.ssl is not None else run.model,
         run.val_loader,
         run.metrics,
         run.device,
@@ -466,6 +509,9 @@ def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger)
     """Optimizer steps from ``state.iteration`` to ``max_iters``, then the final evaluation and checkpoints."""
     tcfg, accumulate = run.cfg.trainer, run.cfg.trainer.accumulate_steps
     data = batches(run.train_loader, state.iteration * accumulate)
+    unlabeled = None
+    if run.ssl is not None and run.ssl.uses_unlabeled:
+        unlabeled = batches(run.ssl.unlabeled_loader, state.iteration)
     run.model.train()
     bar = tqdm(
         total=tcfg.max_iters,
@@ -491,8 +537,13 @@ def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger)
                 if tcfg.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
                 micro.append((image, target))
+            image_u = None
+            if unlabeled is not None:  # the unlabeled images only: their labels are never read
+                image_u = next(unlabeled)[0].to(run.device, non_blocking=True)
+                if tcfg.channels_last:
+                    image_u = image_u.contiguous(memory_format=torch.channels_last)
             meter.lap("data")
-            terms = train_step(run, state, micro)
+            terms = train_step(run, state, micro, image_u)
             meter.lap("step")
             periodic(run, state, terms, meter, logger, bar)
             meter.lap()

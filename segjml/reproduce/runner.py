@@ -181,6 +181,8 @@ def execute(
                 step_runs = [r for r in step_runs if r not in blocked]
                 if not step_runs or launcher in ("local", "inprocess"):
                     continue
+            while jobs > 1 and len(pending) >= jobs:  # wait for a free slot, so each line is printed as it starts
+                pending = _wait_any(pending)
             echo(show(cmd))
             if launcher == "inprocess":
                 try:
@@ -191,8 +193,6 @@ def execute(
             elif launcher.startswith("submitit"):  # submitters: SLURM runs the stage's sweeps side by side
                 pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT)))
             elif jobs > 1:
-                while len(pending) >= jobs:
-                    pending = _wait_any(pending)
                 pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT, env=_thread_env(jobs))))
             else:
                 subprocess.run(cmd, cwd=ROOT)
