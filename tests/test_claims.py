@@ -38,8 +38,11 @@ def test_claims_grid_is_the_demo_recipe_for_six_losses_three_seeds_and_two_eps_s
     assert main.columns == COLUMNS
     assert [c.repeat for c in main.blocks[0].cells] == ["seeds"] * 6
     grid = build_grid(list(tables.values()))
-    # stage 1: 5 hard/BLS columns x 3 seeds + teacher + 2 x 3 eps points x 3 seeds; stage 2: the KD students
-    assert [len(s) for s in grid.stages] == [4 * 3 + 1 + 5 * 3, 6]
+    # stage 1: 4 hard/BLS columns x 3 seeds + teacher + 5 eps points x 3 seeds + 3 SSL columns x 3 seeds;
+    # stage 2: the KD students
+    assert [len(s) for s in grid.stages] == [4 * 3 + 1 + 5 * 3 + 3 * 3, 6]
+    assert tables["C2"].columns == ["Supervised", "CE-SSL", "JML-SSL"]
+    assert [c.experiment for c in tables["C2"].blocks[0].cells] == ["syn_ssl_sup", "syn_ssl_cessl", "syn_ssl_jmlssl"]
     assert {r.experiment for r in grid.stages[1]} == {"claims_ce_kd", "claims_jml_kd"}
     assert {str(r.teacher) for r in grid.stages[1]} == {"claims_teacher seed=0"}
     sweeps = [r for r in grid.runs if any(o.startswith("loss.bls") for o in r.overrides)]
@@ -105,7 +108,7 @@ def test_every_paper_claim_names_known_columns_and_metrics():
     for claim in CLAIMS:
         for check in claim.checks:
             assert check.metric in metrics
-            assert {c for c, _ in check.terms} <= set(COLUMNS)
+            assert {c for c, _ in check.terms} <= set(COLUMNS) | {"Supervised", "CE-SSL", "JML-SSL"}
             assert sum(coef for _, coef in check.terms) == 0  # a contrast: differences of columns only
     assert any(c.any_of for c in CLAIMS)  # "sometimes hurt calibration"
 
@@ -119,7 +122,7 @@ def test_report_from_finished_runs(tmp_path):
     """Fabricated metrics.json files in the grid's run directories: the report's numbers and verdicts by hand."""
     tables = load_tables(CLAIMS_RESULTS)
     base = {"acc": 90.0, "miou_i": 60.0, "miou_c": 55.0, "bece": 20.0, "sce": 1.0, "bsce": 8.0}
-    miou = {"claims_ce": 70.0, "claims_jml": 80.0}
+    miou = {"claims_ce": 70.0, "claims_jml": 80.0, "syn_ssl_sup": 50.0, "syn_ssl_jmlssl": 77.0}
     for run in build_grid(list(tables.values())).runs:
         seed = int(dict(o.split("=", 1) for o in run.overrides)["seed"])
         m = miou.get(run.experiment, 75.0) + seed  # every column: +0, +1, +2 over the seeds
@@ -131,6 +134,8 @@ def test_report_from_finished_runs(tmp_path):
     assert "- **reproduced**: JML compromises calibration (ECE)" in report  # 3.0 vs 2.0 on every seed
     # JML-BLS (75) is below JML (80) on every seed: BLS does not improve JML's accuracy
     assert "- **not reproduced**: Both BLS and KD consistently improve" in report
+    assert "| JML-SSL − CE-SSL | +0.00 ± 0.00 | +2.00 ± 0.00* |" in report  # 77 vs 75 on every seed
+    assert "- **reproduced**: JML-SSL improves over CE-SSL (AugSeg)" in report
     assert "| inf | 0.1 |" in report and "(-5.00 ± 0.00*)" in report  # the k = inf sweep point against JML
 
 
@@ -179,7 +184,7 @@ def test_claims_dry_run_lists_every_run_with_its_command():
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "# 34 runs in 2 stage(s)" in proc.stdout
+    assert "# 43 runs in 2 stage(s)" in proc.stdout
     assert "python train.py experiment=claims_jml_bls loss.bls.eps=0.05 loss.bls.kernel_size=inf seed=2" in proc.stdout
     assert "\"teacher.checkpoint='outputs/claims/claims_teacher/seed=0/checkpoints/last.pt'\"" in proc.stdout
 

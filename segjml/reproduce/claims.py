@@ -99,6 +99,11 @@ CLAIMS: tuple[Claim, ...] = (
         "JML-BLS and JML-KD consistently improve calibration (ECE and BECE)",
         tuple(better(m, soft, "JML") for soft in ("JML-BLS", "JML-KD") for m in ("ece", "bece")),
     ),
+    Claim(
+        "Semi-supervised training with CE (AugSeg) improves over the labeled images alone (mIoU)",
+        (better("miou", "CE-SSL", "Supervised"),),
+    ),
+    Claim("JML-SSL improves over CE-SSL (AugSeg) (mIoU, Tables 11-12)", (better("miou", "JML-SSL", "CE-SSL"),)),
 )
 
 
@@ -203,44 +208,61 @@ def synthetic_boundary_shares(sizes: Sequence[int] = (64, 128, 256, 512), n: int
     return shares
 
 
-def render(tables: Mapping[str, Table], log_dir: Path, extra: Sequence[str] = ()) -> str:
-    """The Markdown report: main table, paired differences, eps sweeps, claim verdicts."""
-    main = tables[MAIN_TABLE]
-    metrics = list(main.metrics)
-    values = collect(main, log_dir, extra)
-    heads = [main.metrics[m] for m in metrics]
-    lines = [f"### {main.caption}", "", "| loss | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for column in main.columns:
+REFERENCES = {"C1": ("CE", "JML"), "C2": ("Supervised", "CE-SSL")}
+"""The columns each table's other columns are compared with, seed by seed."""
+
+
+def _table_lines(table: Table, values, metrics: list[str], heads: list[str]) -> list[str]:
+    lines = [f"### {table.caption}", "", "| loss | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for column in table.columns:
         lines.append(f"| {column} | " + " | ".join(_stat(values[column][m]) for m in metrics) + " |")
-    for ref in ("CE", "JML"):
+    for ref in REFERENCES.get(table.key, table.columns[:1]):
         lines += ["", f"Paired difference to {ref} (mean ± standard error over seeds; * beyond 2 standard errors):", ""]
         lines += ["| loss | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-        for column in main.columns:
-            if column == ref:
-                continue
-            cells = [str(contrast(values, Check(m, ((column, 1), (ref, -1)), 1)) or "–") for m in metrics]
-            lines.append(f"| {column} − {ref} | " + " | ".join(cells) + " |")
+        for column in table.columns:
+            if column != ref:
+                cells = [str(contrast(values, Check(m, ((column, 1), (ref, -1)), 1)) or "–") for m in metrics]
+                lines.append(f"| {column} − {ref} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweep_lines(table: Table, values, metrics, heads, log_dir: Path, extra: Sequence[str]) -> list[str]:
+    lines = ["", f"### {table.caption}", "", "| k | eps | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    for k, eps, row in sweep_values(table, values["JML"], log_dir, metrics, extra):
+        cells = []
+        for m in metrics:
+            cell = _stat(row[m])
+            if eps:
+                diff = Paired.of((np.asarray(row[m]) - np.asarray(values["JML"][m])).tolist())
+                cell += f" ({diff})" if diff else ""
+            cells.append(cell)
+        lines.append(f"| {k} | {eps} | " + " | ".join(cells) + " |")
+    return lines + ["", "(in brackets: paired difference to JML, eps = 0)"]
+
+
+def render(tables: Mapping[str, Table], log_dir: Path, extra: Sequence[str] = ()) -> str:
+    """The Markdown report: the result tables with paired differences, the eps sweeps, the boundary share of the
+    synthetic set, and the verdict on every claim whose columns were trained."""
+    metrics = list(tables[MAIN_TABLE].metrics)
+    heads = [tables[MAIN_TABLE].metrics[m] for m in metrics]
+    values: dict[str, dict[str, list[float]]] = {}
+    lines: list[str] = []
     for table in tables.values():
         if table.sweep is None:
-            continue
-        lines += ["", f"### {table.caption}", "", "| k | eps | " + " | ".join(heads) + " |"]
-        lines.append("|---" * (len(heads) + 2) + "|")
-        for k, eps, row in sweep_values(table, values["JML"], log_dir, metrics, extra):
-            cells = []
-            for m in metrics:
-                cell = _stat(row[m])
-                if eps:
-                    diff = Paired.of((np.asarray(row[m]) - np.asarray(values["JML"][m])).tolist())
-                    cell += f" ({diff})" if diff else ""
-                cells.append(cell)
-            lines.append(f"| {k} | {eps} | " + " | ".join(cells) + " |")
-        lines += ["", "(in brackets: paired difference to JML, eps = 0)"]
+            table_values = collect(table, log_dir, extra)
+            values.update(table_values)
+            lines += ([""] if lines else []) + _table_lines(table, table_values, metrics, heads)
+    for table in tables.values():
+        if table.sweep is not None:
+            lines += _sweep_lines(table, values, metrics, heads, log_dir, extra)
     shares = synthetic_boundary_shares()
     lines += ["", "### Boundary share of the synthetic set (k = 3, 50 validation images)", ""]
     lines += ["| image size | " + " | ".join(f"{s}x{s}" for s in shares) + " |", "|---" * (len(shares) + 1) + "|"]
     lines.append("| boundary pixels | " + " | ".join(f"{100 * v:.2f}%" for v in shares.values()) + " |")
     lines += ["", "### The paper's claims at this scale", ""]
     for claim in CLAIMS:
+        if not all(column in values for check in claim.checks for column, _ in check.terms):
+            continue
         verdict, results = judge(values, claim)
         detail = "; ".join(f"{c.text()}: {p if p else '–'}" for c, p in results)
         lines.append(f"- **{verdict}**: {claim.heading}. {detail}")
