@@ -634,6 +634,22 @@ def test_bls_smooths_the_labels_and_the_hard_pseudo_labels():
     torch.testing.assert_close(soft["ce_s"], terms["ce_s"])
 
 
+def test_bls_on_hard_pseudo_labels_smooths_the_whole_map_and_the_threshold_only_masks():
+    """With a confidence threshold, boundaries are found on every pseudo-labelled pixel, not only the confident ones
+    (a thresholded map would put ignored pixels along every low-confidence boundary and smooth nothing there)."""
+    logits_s, labels_s, logits_u, teacher_logits, valid_u = loss_inputs(seed=5)
+    probs_u = teacher_logits.detach().softmax(1)
+    c = probs_u.shape[1]
+    _, terms = SSLLoss(pseudo_label="hard", confidence_threshold=0.6, bls={"kernel_size": 3, "eps": 0.4})(
+        logits_s, labels_s, logits_u, probs_u, valid_u
+    )
+    kept = valid_u & (probs_u.amax(1) >= 0.6)
+    assert 0 < kept.sum() < valid_u.sum()
+    target_u = bls_dense(torch.where(valid_u, probs_u.argmax(1), IGNORE), c, 0.4)
+    torch.testing.assert_close(terms["ce_u"].double(), ce_soft(logits_u, target_u, kept), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["jml_u"].double(), jml1(logits_u, target_u, kept, range(c)), rtol=1e-5, atol=1e-6)
+
+
 def test_ssl_loss_refuses_bad_settings_in_one_line():
     for kwargs, match in (
         ({"pseudo_label": "argmax"}, "pseudo_label"),

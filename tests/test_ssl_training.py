@@ -60,7 +60,9 @@ def test_paper_ssl_presets_follow_the_ssl_recipe():
             name.split("_", 2)[2][: -len(str(split)) - 1], (0.5, 0.5)
         )
         assert cfg.loss.jml_weight == (0.0 if "_sup_" in name or "_cessl_" in name and "jmls" not in name else 0.75)
-        assert (cfg.loss.get("bls") is not None and cfg.loss.bls.strict_ignore) == ("_jmlssl_" in name and "nobls" not in name)
+        assert (cfg.loss.get("bls") is not None and cfg.loss.bls.strict_ignore) == (
+            "_jmlssl_" in name and "nobls" not in name
+        )
 
 
 def test_tables_11_and_12_name_every_ssl_preset():
@@ -186,3 +188,37 @@ def test_kill_9_then_rerun_of_an_ssl_run_gives_bitwise_identical_student_and_tea
     evaluated = json.loads(next(out.rglob("metrics.json")).read_text())
     for key in ("miou", "acc", "ece"):
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_labeled_split_of_a_limited_training_set_keeps_the_seeded_pipeline(tmp_path):
+    """limit_train_samples makes a Subset; the labeled Subset of it is flattened, so SeededSamples still seeds the
+    augmentation of every sample (without it a run would not be reproducible)."""
+    cfg = compose_config(["experiment=syn_ssl_cessl", *TINY, "trainer.limit_train_samples=40"], tmp_path)
+    run = build_run(cfg)
+    labeled = run.train_loader.dataset
+    assert labeled.transform is not None and len(labeled) == 4  # 10% of 40
+    assert run.ssl.unlabeled_loader.dataset.transform is not None and len(run.ssl.unlabeled_loader.dataset) == 36
+    assert torch.equal(labeled[3][0], labeled[3][0])  # the same key gives the same augmented sample
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_an_ssl_run(tmp_path):
+    """DDP: two gloo processes, each with its share of labeled and unlabeled images and its own EMA teacher."""
+    import os
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "experiment=syn_ssl_jmlssl",
+        *TINY,
+        "trainer.max_iters=3",
+        f"paths.log_dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(next(tmp_path.rglob("last.pt")))
+    assert state["iteration"] == 3 and state["ema"]["num_updates"] == 3
+    assert 0.0 <= json.loads(next(tmp_path.rglob("metrics.json")).read_text())["miou"] <= 100.0

@@ -48,19 +48,41 @@ def _is_count_or_fraction(value) -> bool:
         return False
 
 
+def _base(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The data set under any ``Subset`` wrappers and the base indices of ``dataset``'s samples."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
 def image_ids(dataset: Dataset) -> list[str]:
     """Each image's id (its file name without suffix), in index order; a data set without files numbers them."""
-    samples = getattr(dataset, "samples", None)
+    base, indices = _base(dataset)
+    samples = getattr(base, "samples", None)
     if samples is None:
-        return [str(i) for i in range(len(dataset))]
-    return [Path(image).stem for image, _ in samples]
+        return [str(i) for i in indices]
+    return [Path(samples[i][0]).stem for i in indices]
+
+
+def _label(base: Dataset, index: int) -> np.ndarray:
+    """One raw label map; folder data sets read the label file only (not the image)."""
+    if hasattr(base, "samples") and hasattr(base, "read_raw_label"):
+        path = Path(base.samples[index][1])
+        return base.decode_label(base.read_raw_label(path), path)
+    return np.asarray(base[index][1])
 
 
 def class_presence(dataset: Dataset, num_classes: int, ignore_index: int) -> np.ndarray:
-    """``(N, C)`` bool: which classes each image's label holds (reads every label once, without augmentation)."""
-    presence = np.zeros((len(dataset), num_classes), dtype=bool)
-    for i in range(len(dataset)):
-        label = np.asarray(dataset[i][1]).reshape(-1)
+    """``(N, C)`` bool: which classes each image's label holds (reads every label once, without augmentation).
+
+    This reads the labels of the images that end up unlabeled too, as any class-balanced split does; the published
+    split files (``dataset.labeled=<file>``) need no labels."""
+    base, indices = _base(dataset)
+    presence = np.zeros((len(indices), num_classes), dtype=bool)
+    for i, index in enumerate(indices):
+        label = _label(base, index).reshape(-1)
         label = label[label != ignore_index]
         presence[i, np.unique(label[label < num_classes]).astype(np.int64)] = True
     return presence
@@ -91,8 +113,11 @@ def split_training_set(dcfg: DictConfig, raw_train: Dataset) -> tuple[list[int],
 
 
 def labeled_subset(dataset: Dataset, indices: list[int]) -> Subset:
-    subset = Subset(dataset, indices)
-    subset.class_names = getattr(dataset, "class_names", None)
+    """``dataset``'s samples ``indices`` as one ``Subset`` of the base data set (nested subsets are flattened, so
+    ``SeededSamples`` finds the pipeline it seeds)."""
+    base, base_indices = _base(dataset)
+    subset = Subset(base, [base_indices[i] for i in indices])
+    subset.class_names = getattr(base, "class_names", None)
     return subset
 
 
@@ -156,7 +181,7 @@ def build_ssl(cfg: DictConfig, model: nn.Module, unlabeled: Dataset | None, make
 
 def step_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
     """The generator of one step's strong view and CutMix draws: a pure function of seed, iteration and rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 65_537 + rank)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + iteration) * 65_537 + rank) % 2**63)
 
 
 def ssl_terms(

@@ -190,10 +190,11 @@ def build_run(cfg: DictConfig) -> Run:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    device_ids = [device.index] if device.type == "cuda" else None
+    # SSL steps run the main head only, so the auxiliary head's parameters get no gradient there
+    unused = cfg.get("ssl") is not None
     train_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.enabled
-        else model
+        DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused) if dist.enabled else model
     )
     if tcfg.compile:
         train_model = torch.compile(train_model)
@@ -290,10 +291,10 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
     )
 
 
-def _student(run: Run, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The student's outputs, cast to float32 for the loss."""
+def _student(run: Run, image: torch.Tensor, with_aux: bool | None = None) -> dict[str, torch.Tensor]:
+    """The student's outputs, cast to float32 for the loss (``with_aux=False``: main head only)."""
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-        outputs = run.train_model(image)
+        outputs = run.train_model(image) if with_aux is None else run.train_model(image, with_aux=with_aux)
     return {k: v.float() for k, v in outputs.items()}
 
 
@@ -376,7 +377,9 @@ def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor
 def _ssl_forward_backward(run: Run, labeled, image_u: torch.Tensor | None, iteration: int) -> tuple[dict, bool]:
     """Loss terms of one semi-supervised step (``segjml/engine/ssl.py``) and their backward pass."""
     generator = step_generator(run.cfg.seed, iteration, run.dist.rank)
-    terms = ssl_terms(run.ssl, lambda x: _student(run, x), labeled, image_u, generator, run.autocast_dtype)
+    # the SSL loss reads the main head only: no auxiliary output (its parameters would get no gradient under DDP)
+    student = lambda x: _student(run, x, with_aux=False)  # noqa: E731
+    terms = ssl_terms(run.ssl, student, labeled, image_u, generator, run.autocast_dtype)
     run.optimizer.zero_grad(set_to_none=True)
     ok = _check_finite(run, terms, iteration)
     if ok:
@@ -406,6 +409,7 @@ def train_step(
     else:
         run.optimizer.zero_grad(set_to_none=True)
         terms, ok = _accumulated_backward(run, micro, iteration)
+    stepped = ok
     if not ok:
         state.skipped["nonfinite"] += 1
         run.optimizer.zero_grad(set_to_none=True)
@@ -413,11 +417,12 @@ def train_step(
         scale = run.scaler.get_scale()
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        state.skipped["amp"] += int(run.scaler.get_scale() < scale)  # the scale drops when a step was skipped
+        stepped = run.scaler.get_scale() >= scale  # the scale drops when a step was skipped
+        state.skipped["amp"] += int(not stepped)
     else:
         run.optimizer.step()
-    if ok and run.ssl is not None:
-        run.ssl.after_step(run.model)  # the EMA teacher follows the student
+    if stepped and run.ssl is not None:
+        run.ssl.after_step(run.model)  # the EMA teacher follows the student (not over a skipped step)
     run.scheduler.step()
     state.iteration = iteration
     return terms

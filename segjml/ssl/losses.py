@@ -154,7 +154,10 @@ class SSLLoss(nn.Module):
             if self.pseudo_label == "soft":
                 target_u = probs
             else:
-                target_u = self._smooth(torch.where(keep, probs.argmax(1), self.ignore_index), c)
+                # BLS sees the whole pseudo-label map (pixels with a target); the confidence threshold only masks
+                # the loss, so a boundary is smoothed even where the teacher's confidence dips along it
+                known = probs.sum(1) > 0 if valid_u is None else (probs.sum(1) > 0) & valid_u.bool()
+                target_u = self._smooth(torch.where(known, probs.argmax(1), self.ignore_index), c)
             if w["ce_u"]:
                 ce_u = self.ce(student_logits_u, target_u, keep)
                 if self.ce_u_mean_over == "all":  # dropped pixels count as 0 in the mean (AugSeg)
