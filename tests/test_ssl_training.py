@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from segjml.data.errors import DataError
 from segjml.engine.checkpoint import load_checkpoint
 from segjml.engine.ssl import split_training_set
 from segjml.engine.trainer import build_run, train_step
@@ -45,7 +46,8 @@ def test_paper_ssl_presets_follow_the_ssl_recipe():
     for name in voc:
         cfg = compose_config([f"experiment={name}"])
         split = int(name.rsplit("_", 1)[1])
-        assert (cfg.dataset.name, cfg.dataset.train_split, cfg.dataset.labeled) == ("voc", "train_aug", split)
+        assert (cfg.dataset.name, cfg.dataset.train_split) == ("voc", "train_aug")
+        assert cfg.dataset.labeled.endswith(f"/splits/pascal/{split}/labeled.txt")  # the published list
         assert (cfg.model.arch, cfg.model.encoder, cfg.pretrained) == ("deeplabv3plus", "resnet101d", True)
         assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.scheduler.power) == (0.001, 1e-4, 0.9)
         assert (cfg.trainer.batch_size, cfg.ssl.unlabeled_batch_size, list(cfg.dataset.crop_size)) == (
@@ -125,7 +127,7 @@ def test_labeled_split_from_a_file_a_fraction_and_the_errors(tmp_path):
     cfg.dataset.labeled = str(listing)
     assert split_training_set(cfg.dataset, raw)[0] == [5, 17, 60]
     cfg.dataset.labeled = str(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError, match="dataset.labeled=.*missing.txt: no such split file"):
+    with pytest.raises(DataError, match="dataset.labeled=.*missing.txt: no such split file; get the published"):
         split_training_set(cfg.dataset, raw)
 
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from segjml.data.errors import DataError
 from segjml.ssl import EMATeacher, SSLLoss, adaptive_cutmix, strong_intensity_augment
 from segjml.ssl.splits import labeled_indices, read_split_file, split_size, unlabeled_indices
 
@@ -105,8 +106,9 @@ def split_training_set(dcfg: DictConfig, raw_train: Dataset) -> tuple[list[int],
     else:
         path = Path(str(labeled))
         if not path.is_file():
-            raise FileNotFoundError(
-                f"dataset.labeled={labeled}: no such split file; give a count (92), a fraction (1/16) or a list file"
+            raise DataError(
+                f"dataset.labeled={labeled}: no such split file; get the published lists (docs/ssl.md) or give a "
+                "count (92) or a fraction (1/16)"
             )
         lab = read_split_file(path, image_ids(raw_train))
     return sorted(lab), unlabeled_indices(n, lab)
