@@ -47,6 +47,8 @@ MODELS = {
     "segformerb0": ("segformer", "mit_b0"),
 }
 PAPER_PRESETS = sorted(n for n in experiment_names() if n.split("_")[0] in ("cs", "voc", "ade", "dg"))
+# Tables 11-12 (semi-supervised) follow the SSL recipe of Appendix I, checked in tests/test_ssl_training.py
+SUPERVISED_PRESETS = [n for n in PAPER_PRESETS if not n.startswith("voc_dl3pr101_")]
 
 
 @cache
@@ -74,7 +76,7 @@ def test_every_paper_table_is_described_and_every_cell_has_a_preset():
     assert set(PAPER_PRESETS) == used
 
 
-@pytest.mark.parametrize("experiment", PAPER_PRESETS)
+@pytest.mark.parametrize("experiment", SUPERVISED_PRESETS)
 def test_paper_presets_follow_the_paper_recipes(experiment):
     prefix, model, variant = re.fullmatch(r"([a-z]+)_([a-z0-9]+)_(.+)", experiment).groups()
     cfg = resolved(experiment)

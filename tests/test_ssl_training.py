@@ -170,6 +170,7 @@ def _command(log_dir):
     ]
 
 
+@pytest.mark.slow  # two 10-iteration SSL runs and a resumed one (about a minute)
 def test_kill_9_then_rerun_of_an_ssl_run_gives_bitwise_identical_student_and_teacher(tmp_path):
     ref_dir, cut_dir = tmp_path / "reference", tmp_path / "cut"
     done = subprocess.run(_command(ref_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
