@@ -50,7 +50,7 @@ KD_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _check_weight(key: str, value: Any) -> None:
+def check_weight(key: str, value: Any) -> None:
     """The loss weight ``key`` (its config key) must be a real number >= 0; one-line ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
         raise ValueError(f"{key}={value!r} is not a number; loss weights must be >= 0")
@@ -77,6 +77,20 @@ def _parse_kernel_size(value: Any) -> int | float:
     except ValueError:
         raise ValueError(f"loss.bls.kernel_size={value} must be an odd positive integer or inf") from None
     return number if math.isinf(number) else int(number)
+
+
+def parse_bls(bls: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The checked ``loss.bls`` node (``{kernel_size, eps, strict_ignore}``, kernel size parsed), or ``None``."""
+    if not bls:
+        return None
+    bls = dict(bls)
+    _check_keys("loss.bls", bls, BLS_KEYS)
+    bls["kernel_size"] = _parse_kernel_size(bls.get("kernel_size", 3))
+    check_smoothing_eps(bls.get("eps", 0.5), "loss.bls.eps")
+    strict = bls.get("strict_ignore", False)
+    if not isinstance(strict, bool):
+        raise ValueError(f"loss.bls.strict_ignore={strict!r} must be true or false")
+    return bls
 
 
 class SegmentationCriterion(nn.Module):
@@ -122,7 +136,7 @@ class SegmentationCriterion(nn.Module):
             ("main_weight", main_weight),
             ("aux_weight", aux_weight),
         ):
-            _check_weight(f"loss.{key}", value)
+            check_weight(f"loss.{key}", value)
         # each IoU loss has its own weight, so a preset never weights one loss under the other's name
         if iou_loss == "lovasz" and jml_weight != 0:
             raise ValueError(
@@ -148,21 +162,14 @@ class SegmentationCriterion(nn.Module):
         self.ce_weight, self.jml_weight, self.lovasz_weight = ce_weight, jml_weight, lovasz_weight
         self.iou_weight = iou_weight  # the weight of the IoU term, whichever loss it is
         self.main_weight, self.aux_weight = main_weight, aux_weight
-        self.bls = dict(bls) if bls else None
-        if self.bls is not None:
-            _check_keys("loss.bls", self.bls, BLS_KEYS)
-            self.bls["kernel_size"] = _parse_kernel_size(self.bls.get("kernel_size", 3))
-            check_smoothing_eps(self.bls.get("eps", 0.5), "loss.bls.eps")
-            strict = self.bls.get("strict_ignore", False)
-            if not isinstance(strict, bool):
-                raise ValueError(f"loss.bls.strict_ignore={strict!r} must be true or false")
+        self.bls = parse_bls(bls)
         self.kd = None
         if kd is not None:
             _check_keys("loss.kd", kd, KD_DEFAULTS)
             self.kd = {**KD_DEFAULTS, **dict(kd)}
             check_temperature(self.kd["temperature"], "loss.kd.temperature")
             for key in ("ce_label", "ce_teacher", "jml_label", "jml_teacher"):
-                _check_weight(f"loss.kd.{key}", self.kd[key])
+                check_weight(f"loss.kd.{key}", self.kd[key])
             if self.kd["mix"] not in KD_MIXES:
                 raise ValueError(
                     f"loss.kd.mix={self.kd['mix']!r} is not a distillation mix; set loss.kd.mix=authors (the aux head "

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from segjml.labels.soft_labels import boundary_label_smoothing, check_smoothing_eps
-from segjml.losses.criterion import BLS_KEYS, _check_keys, _check_weight, _parse_kernel_size
+from segjml.labels.soft_labels import boundary_label_smoothing
+from segjml.losses.criterion import check_weight, parse_bls
 from segjml.losses.cross_entropy import CrossEntropyLoss
 from segjml.losses.jaccard import JaccardMetricLoss
 
@@ -78,8 +78,8 @@ class SSLLoss(nn.Module):
             "theta_s": theta_s,
             "theta_u": theta_u,
         }
-        for key, value in weights.items():
-            _check_weight(f"loss.{key}", value)
+        for key, value in weights.items():  # lambda_CE / lambda_JML come from `loss`, the others from `ssl`
+            check_weight(f"{'loss' if key.endswith('_weight') else 'ssl'}.{key}", value)
         # the weight of each term in the total (eq. 64 expanded)
         self.term_weights = {
             "ce_s": ce_weight * eta_s,
@@ -89,18 +89,14 @@ class SSLLoss(nn.Module):
         }
         if not any(self.term_weights.values()):
             raise ValueError("every SSL loss term has weight 0: nothing would be trained; set the loss weights > 0")
-        _check_weight("loss.confidence_threshold", confidence_threshold)
+        check_weight("ssl.confidence_threshold", confidence_threshold)
         if confidence_threshold > 1:
-            raise ValueError(f"loss.confidence_threshold={confidence_threshold} must be in [0, 1] (AugSeg: 0.95)")
+            raise ValueError(f"ssl.confidence_threshold={confidence_threshold} must be in [0, 1] (AugSeg: 0.95)")
         if pseudo_label not in PSEUDO_LABELS:
-            raise ValueError(f"loss.pseudo_label={pseudo_label!r} must be 'soft' (teacher probabilities) or 'hard'")
+            raise ValueError(f"ssl.pseudo_label={pseudo_label!r} must be 'soft' (teacher probabilities) or 'hard'")
         if ce_u_mean_over not in CE_U_MEANS:
-            raise ValueError(f"loss.ce_u_mean_over={ce_u_mean_over!r} must be 'kept' (segjml) or 'all' (AugSeg)")
-        self.bls = dict(bls) if bls else None
-        if self.bls is not None:
-            _check_keys("loss.bls", self.bls, BLS_KEYS)
-            self.bls["kernel_size"] = _parse_kernel_size(self.bls.get("kernel_size", 3))
-            check_smoothing_eps(self.bls.get("eps", 0.5), "loss.bls.eps")
+            raise ValueError(f"ssl.ce_u_mean_over={ce_u_mean_over!r} must be 'kept' (segjml) or 'all' (AugSeg)")
+        self.bls = parse_bls(bls)
         self.ignore_index, self.confidence_threshold = ignore_index, float(confidence_threshold)
         self.pseudo_label, self.ce_u_mean_over = pseudo_label, ce_u_mean_over
         self.ce = CrossEntropyLoss(ignore_index)
