@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,3 +21,9 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
 def group_options(group: str) -> list[str]:
     """Every option (file stem) of a config group."""
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def torchrun_train(processes: int, *overrides: str) -> list[str]:
+    """The command line of ``torchrun --standalone --nproc_per_node=<processes> train.py <overrides>`` (this venv)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [torchrun, "--standalone", f"--nproc_per_node={processes}", "train.py", *overrides]

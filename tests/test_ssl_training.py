@@ -16,7 +16,7 @@ from segjml.engine.checkpoint import load_checkpoint
 from segjml.engine.ssl import split_training_set
 from segjml.engine.trainer import build_run, train_step
 from segjml.reproduce.grid import load_tables, select_tables
-from tests.helpers import ROOT, compose_config, group_options
+from tests.helpers import ROOT, compose_config, group_options, torchrun_train
 from tests.test_trainer import wait_for_iteration
 
 SSL_PRESETS = sorted(p for p in group_options("experiment") if p.startswith(("voc_dl3pr101_", "syn_ssl_")))
@@ -220,19 +220,7 @@ def test_labeled_split_of_a_limited_training_set_keeps_the_seeded_pipeline(tmp_p
 @pytest.mark.slow
 def test_torchrun_two_processes_train_an_ssl_run(tmp_path):
     """DDP: two gloo processes, each with its share of labeled and unlabeled images and its own EMA teacher."""
-    import os
-
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        "experiment=syn_ssl_jmlssl",
-        *TINY,
-        "trainer.max_iters=3",
-        f"paths.log_dir={tmp_path}",
-    ]
+    cmd = torchrun_train(2, "experiment=syn_ssl_jmlssl", *TINY, "trainer.max_iters=3", f"paths.log_dir={tmp_path}")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(next(tmp_path.rglob("last.pt")))

@@ -16,7 +16,7 @@ from segjml.engine import train
 from segjml.engine.checkpoint import CheckpointError, load_checkpoint
 from segjml.losses import JaccardMetricLoss, SegmentationCriterion
 from tests.distributed import run_on_ranks
-from tests.helpers import ROOT, compose_config
+from tests.helpers import ROOT, compose_config, torchrun_train
 
 RUN = [
     "debug=fast",
@@ -236,18 +236,14 @@ def test_sync_stats_on_two_processes_equals_one_process_on_the_whole_batch():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
+    cmd = torchrun_train(
+        2,
         f"paths.log_dir={tmp_path}",
         "debug=fast",
         "trainer.max_iters=4",
         "trainer.limit_val_samples=7",
         "trainer.val_batch_size=1",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = run_dir_of(tmp_path)
