@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from segjml.data import build_dataset, build_loader
@@ -157,24 +158,29 @@ def check_trainer_config(tcfg: DictConfig) -> None:
         raise ValueError(f"trainer.precision={tcfg.precision} is not one of {', '.join(PRECISIONS)}")
 
 
+def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, Dataset]:
+    """Training set (its labeled images with ``dataset.labeled``), the unlabeled rest (or ``None``), validation set."""
+    tcfg = cfg.trainer
+    train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
+    val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
+    if cfg.dataset.get("labeled") is None:
+        if cfg.get("ssl") is not None:
+            raise ValueError("ssl needs a labeled split: set dataset.labeled (a count, a fraction or a split file)")
+        return train_set, None, val_set
+    raw = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples, transform=False)
+    labeled_idx, unlabeled_idx = split_training_set(cfg.dataset, raw)
+    log.info("labeled split: %d labeled, %d unlabeled images", len(labeled_idx), len(unlabeled_idx))
+    return labeled_subset(train_set, labeled_idx), labeled_subset(train_set, unlabeled_idx), val_set
+
+
 def build_run(cfg: DictConfig) -> Run:
     """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics."""
     tcfg = cfg.trainer
     check_trainer_config(tcfg)
     dist, device = D.init_distributed(tcfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    train_set = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples)
-    val_set = build_dataset(cfg.dataset, "val", tcfg.limit_val_samples)
+    train_set, unlabeled_set, val_set = build_datasets(cfg)
     class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
-    unlabeled_set = None
-    if cfg.dataset.get("labeled") is not None:  # a labeled split; the rest is the unlabeled stream of SSL runs
-        raw = build_dataset(cfg.dataset, "train", tcfg.limit_train_samples, transform=False)
-        labeled_idx, unlabeled_idx = split_training_set(cfg.dataset, raw)
-        unlabeled_set = labeled_subset(train_set, unlabeled_idx)
-        train_set = labeled_subset(train_set, labeled_idx)
-        log.info("labeled split: %d labeled, %d unlabeled images", len(labeled_idx), len(unlabeled_idx))
-    elif cfg.get("ssl") is not None:
-        raise ValueError("ssl needs a labeled split: set dataset.labeled (a count, a fraction or a split file)")
     pin = device.type == "cuda"
 
     def train_loader_of(dataset, batch_size: int, seed: int):
@@ -191,8 +197,7 @@ def build_run(cfg: DictConfig) -> Run:
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     device_ids = [device.index] if device.type == "cuda" else None
-    # SSL steps run the main head only, so the auxiliary head's parameters get no gradient there
-    unused = cfg.get("ssl") is not None
+    unused = cfg.get("ssl") is not None  # SSL steps run the main head only: the aux head gets no gradient there
     train_model = (
         DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused) if dist.enabled else model
     )
