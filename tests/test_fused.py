@@ -123,3 +123,47 @@ def test_the_dense_node_gives_the_same_result_in_small_chunks(monkeypatch):
     for a, b in ((chunked, whole), (chunked, plain)):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-10)
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ("bls", "bls_strict", "soft"))
+def test_the_block_by_block_corrections_give_the_same_result_in_tiny_blocks(monkeypatch, kind):
+    # Smoothed pixels and ignored pixels are gathered in (C, S) blocks; blocks of one or two pixels must give the
+    # values and gradients of whole-image blocks and of the formula path (ignored pixels and an extra keep mask).
+    from segjml.losses import _functional, _fused
+
+    logits, target = make(kind, seed=3)
+    keep = torch.ones(B, H, W, dtype=torch.bool)
+    keep[1, :, ::5] = False
+    args = [dict(variant=v, active_classes="ALL", miou_d=0.5, miou_i=0.5) for v in VARIANTS]
+
+    def run(loss):
+        return value_and_grad(lambda x, t: loss(x, t, keep), logits, target)
+
+    whole = [run(JaccardMetricLoss(**a)) for a in args]
+    blocks = _functional.pixel_blocks
+    tiny = lambda pixels, c: blocks(pixels, c, elements=2 * c)  # noqa: E731
+    monkeypatch.setattr(_functional, "pixel_blocks", tiny)
+    monkeypatch.setattr(_fused, "pixel_blocks", tiny)
+    assert len(list(_fused.pixel_blocks([torch.arange(9)], C))) == 5
+    for a, expected in zip(args, whole):
+        small, plain = run(JaccardMetricLoss(**a)), run(JaccardMetricLoss(**a, fused=False))
+        for got, ref in ((small, expected), (small, plain)):
+            torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-10, msg=str(a))
+            torch.testing.assert_close(got[1], ref[1], rtol=0, atol=1e-10, msg=str(a))
+
+
+def test_kept_sums_and_zero_ignored_match_the_masked_formula():
+    from segjml.losses._functional import image_pixels, kept_sums, zero_ignored
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, 4, 6, 7, generator=g, dtype=torch.float64)
+    keep = torch.rand(3, 6, 7, generator=g) > 0.3
+    keep[2] = True  # an image without ignored pixels
+    ignored = image_pixels(~keep)
+    assert [len(i) for i in ignored] == (~keep).reshape(3, -1).sum(1).tolist()
+    flat = x.reshape(3, 4, -1)
+    kf = keep.reshape(3, 1, -1).double()
+    torch.testing.assert_close(kept_sums(flat, ignored), (flat * kf).sum(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(kept_sums(flat, ignored, torch.square), (flat**2 * kf).sum(-1), rtol=0, atol=1e-12)
+    assert torch.equal(zero_ignored(flat.clone(), ignored), flat * kf)
+    assert image_pixels(torch.zeros(2, 3, 3, dtype=torch.bool)) == []

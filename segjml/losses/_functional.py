@@ -119,44 +119,79 @@ def class_statistics(
     return stats
 
 
-def hard_sums(probs: torch.Tensor, labels: torch.Tensor, keepf: torch.Tensor, need_squares: bool = False):
+def image_pixels(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Flat pixel indices of ``mask`` (B, H, W) per image (a list of B int64 tensors), or ``[]`` where the mask is
+    empty: the sparse sets (ignored pixels, BLS boundary pixels) that the fused nodes treat apart."""
+    flat = mask.reshape(mask.shape[0], -1)
+    counts = flat.sum(1)
+    if not bool(counts.any()):
+        return []
+    return list(flat.nonzero(as_tuple=True)[1].split(counts.tolist()))
+
+
+def pixel_blocks(pixels: list[torch.Tensor], num_classes: int, elements: int = 1 << 20):
+    """``(image, indices)`` pieces of ``pixels`` whose ``(C, piece)`` blocks hold about ``elements`` values (4 MiB in
+    float32): gathered with ``index_select`` on an image's ``(C, H * W)`` rows, they stay small and contiguous."""
+    step = max(1, elements // max(num_classes, 1))
+    for k, idx in enumerate(pixels):
+        for part in idx.split(step):
+            yield k, part
+
+
+def kept_sums(flat: torch.Tensor, ignored: list[torch.Tensor], fn=None) -> torch.Tensor:
+    """``sum_i keep_i f(p)_ic`` per image and class, ``(B, C)``, from ``flat`` (B, C, N): the sum over every pixel
+    (a contiguous reduction, four times faster on CPU than a product with the keep mask) less the ignored pixels'
+    part, gathered. ``fn`` maps a ``(B, C, n)`` or ``(C, n)`` block to the values summed (default: the block)."""
+    total = (flat if fn is None else fn(flat)).sum(-1)
+    for k, idx in pixel_blocks(ignored, flat.shape[1]):
+        part = flat[k].index_select(1, idx)
+        total[k] -= (part if fn is None else fn(part)).sum(-1)
+    return total
+
+
+def zero_ignored(dz: torch.Tensor, ignored: list[torch.Tensor]) -> torch.Tensor:
+    """Zero the gradient ``dz`` (B, C, N) at the ignored pixels, in place."""
+    for k, idx in enumerate(ignored):
+        dz[k].index_fill_(1, idx, 0.0)
+    return dz
+
+
+def hard_sums(probs: torch.Tensor, labels: torch.Tensor, keepf: torch.Tensor, ignored, need_squares: bool = False):
     """``sx = sum_i keep_i p_ic``, ``inner = sum_{i: l_i = c} keep_i p_ic`` and, with ``need_squares``,
-    ``sx2 = sum_i keep_i p_ic^2``, each ``(B, C)``, from probabilities ``(B, C, H, W)`` and labels ``(B, H, W)``."""
+    ``sx2 = sum_i keep_i p_ic^2``, each ``(B, C)``, from probabilities ``(B, C, H, W)``, labels ``(B, H, W)`` and
+    the ignored pixels of :func:`image_pixels`; also ``x_lab = keep_i p_{i, l_i}`` (B, N), which the backward pass
+    reuses."""
     b, c = probs.shape[:2]
     flat = probs.reshape(b, c, -1)
-    kf = keepf.reshape(b, -1, 1)
-    sx = torch.bmm(flat, kf)[..., 0]
+    sx = kept_sums(flat, ignored)
     lab = labels.reshape(b, 1, -1)
     x_lab = flat.gather(1, lab)[:, 0] * keepf.reshape(b, -1)
     inner = probs.new_zeros(b, c).scatter_add_(1, lab[:, 0], x_lab)
-    sx2 = torch.bmm(flat * flat, kf)[..., 0] if need_squares else None
-    return sx, inner, sx2
+    sx2 = kept_sums(flat, ignored, torch.square) if need_squares else None
+    return sx, inner, sx2, x_lab
 
 
-def hard_sums_backward(probs, labels, keepf, g_sx, g_inner, g_sx2=None) -> torch.Tensor:
+def hard_sums_backward(probs, labels, x_lab, ignored, g_sx, g_inner, g_sx2=None) -> torch.Tensor:
     """Gradient of :func:`hard_sums` with respect to the logits, ``(B, C, H, W)``, through the softmax:
-    ``dz = p * (g - sum_c p_c g_c)`` with ``g_ic = keep_i (g_sx[c] + 2 p_ic g_sx2[c] + [l_i = c] g_inner[c])``,
-    built in place (the only new full-size tensor is ``dz``)."""
+    ``dz = p * (g - sum_c p_c g_c)`` with ``g_ic = g_sx[c] + 2 p_ic g_sx2[c] + [l_i = c] g_inner[c]`` at kept pixels
+    and ``dz = 0`` at ignored ones, built in place (the only new full-size tensor is ``dz``)."""
     b, c = probs.shape[:2]
     flat = probs.reshape(b, c, -1)
-    kf = keepf.reshape(b, 1, -1)
     lab = labels.reshape(b, 1, -1)
+    p_lab = x_lab.reshape(b, 1, -1)  # p at the label class (0 at ignored pixels, whose gradient is zeroed below)
     g_sx = flat.new_zeros(b, c) if g_sx is None else g_sx
-    g_inner = flat.new_zeros(b, c) if g_inner is None else g_inner
-    p_lab = flat.gather(1, lab)  # (B, 1, N)
-    g_lab = g_inner.gather(1, lab[:, 0])[:, None] * kf  # label-class term of every kept pixel
+    g_lab = flat.new_zeros(b, 1, lab.shape[-1]) if g_inner is None else g_inner.gather(1, lab[:, 0])[:, None]
     # s_i = sum_c p_ic g_ic, with the sums over classes done as batched matrix products
-    s = (torch.bmm(g_sx[:, None, :], flat) * kf).addcmul_(p_lab, g_lab)
+    s = torch.bmm(g_sx[:, None, :], flat).addcmul_(p_lab, g_lab)
     dz = flat * g_sx[:, :, None]
-    dz.mul_(kf)
     if g_sx2 is not None:
         sq = flat * flat
-        s.addcmul_(torch.bmm(g_sx2[:, None, :], sq), kf, value=2.0)
-        dz.addcmul_(sq, g_sx2[:, :, None] * kf, value=2.0)
+        s.add_(torch.bmm(g_sx2[:, None, :], sq), alpha=2.0)
+        dz.addcmul_(sq, g_sx2[:, :, None], value=2.0)
         del sq
     dz.addcmul_(flat, s, value=-1.0)
     dz.scatter_add_(1, lab, p_lab * g_lab)
-    return dz.view_as(probs)
+    return zero_ignored(dz, ignored).view_as(probs)
 
 
 class _HardStatistics(torch.autograd.Function):
@@ -165,19 +200,21 @@ class _HardStatistics(torch.autograd.Function):
     for cross-entropy."""
 
     @staticmethod
-    def forward(ctx, logits, labels, keepf, need_squares: bool):
+    def forward(ctx, logits, labels, keepf, ignored, need_squares: bool):
+        ctx.set_materialize_grads(False)  # no zero tensor for the gradient of ``probs`` (an output without one)
         probs = logits.softmax(1)
-        sx, inner, sx2 = hard_sums(probs, labels, keepf, need_squares)
-        ctx.save_for_backward(probs, labels, keepf)
-        ctx.need_squares = need_squares
+        sx, inner, sx2, x_lab = hard_sums(probs, labels, keepf, ignored, need_squares)
+        ctx.save_for_backward(probs, labels, x_lab)
+        ctx.ignored, ctx.need_squares = ignored, need_squares
         ctx.mark_non_differentiable(probs)
         return probs, sx, inner, sx2
 
     @staticmethod
     def backward(ctx, _g_probs, g_sx, g_inner, g_sx2):
-        probs, labels, keepf = ctx.saved_tensors
-        dz = hard_sums_backward(probs, labels, keepf, g_sx, g_inner, g_sx2 if ctx.need_squares else None)
-        return dz, None, None, None
+        probs, labels, x_lab = ctx.saved_tensors
+        g_sx2 = g_sx2 if ctx.need_squares else None
+        dz = hard_sums_backward(probs, labels, x_lab, ctx.ignored, g_sx, g_inner, g_sx2)
+        return dz, None, None, None, None
 
 
 def hard_statistics(
@@ -192,7 +229,7 @@ def hard_statistics(
     b, c = logits.shape[:2]
     labels = torch.where(keep, labels, 0)
     keepf = keep.to(logits.dtype)
-    probs, sx, inner, sx2 = _HardStatistics.apply(logits, labels, keepf, need_squares)
+    probs, sx, inner, sx2 = _HardStatistics.apply(logits, labels, keepf, image_pixels(~keep), need_squares)
     count = _scatter_bc(keepf, labels, c)
     stats = {"sx": sx, "sy": count, "inner": inner, "diff": sx + count - 2 * inner}
     if need_squares:

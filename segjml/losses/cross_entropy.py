@@ -43,7 +43,5 @@ class CrossEntropyLoss(nn.Module):
             target = label_smoothing(target, logits.shape[1], self.label_smoothing, self.ignore_index)
         logits = upcast(logits)
         if self.fused and self.class_weights is None and Fn.is_soft(target):
-            loss = fused_cross_entropy(logits, target, keep)
-            if loss is not None:
-                return loss
+            return fused_cross_entropy(logits, target, keep)
         return Fn.soft_cross_entropy(logits, target, keep, self.class_weights)
