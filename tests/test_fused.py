@@ -167,3 +167,16 @@ def test_kept_sums_and_zero_ignored_match_the_masked_formula():
     torch.testing.assert_close(kept_sums(flat, ignored, torch.square), (flat**2 * kf).sum(-1), rtol=0, atol=1e-12)
     assert torch.equal(zero_ignored(flat.clone(), ignored), flat * kf)
     assert image_pixels(torch.zeros(2, 3, 3, dtype=torch.bool)) == []
+
+
+@pytest.mark.parametrize("kind", ("hard", "bls", "soft"))
+def test_a_retained_graph_gives_the_same_gradient_twice(kind):
+    # The nodes keep what the backward pass needs (the BLS blocks among them) as saved tensors: a second backward
+    # pass through a retained graph must find them and give the same gradient.
+    logits, target = make(kind, seed=4)
+    x = logits.detach().clone().requires_grad_(True)
+    loss = JaccardMetricLoss(variant="jml2")(x, target)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)
+    assert first.abs().sum() > 0

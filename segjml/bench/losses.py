@@ -8,13 +8,13 @@ Every ratio is taken against the fastest PyTorch implementation of the same thin
 targets for dense soft targets (a distribution per pixel, as a teacher's or an SSL pseudo-label). SMP's
 ``JaccardLoss`` (multiclass, from logits) is the peer library's hard-label Jaccard loss. BLS rows time the loss on a
 target built beforehand ("bls target" times the construction alone). Peak extra memory is the peak resident set
-size above what was live before the call on CPU, ``max_memory_allocated`` on CUDA. ``--amp bf16`` runs the forward
-pass of every row under autocast (the losses themselves run in fp32, as in training).
+size above what was live before the call on CPU, ``max_memory_allocated`` on CUDA. Each row times the loss on the
+logits themselves; ``--amp bf16`` first casts them to bf16 under autocast, as a model's output would be (the losses
+themselves run in fp32, as in training).
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -77,12 +77,13 @@ def make_step(name: str, kind: str, logits, target, labels, amp: torch.dtype | N
     if name == "bls target":
         return lambda: boundary_label_smoothing(labels, c, eps=0.5, kernel_size=3)
     f = loss_fn(name, kind, target, labels)
-    autocast = (lambda: torch.autocast(logits.device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def step():
         x = logits.detach().requires_grad_(True)
-        with autocast():
-            y = x * 1.0  # the model's output: under autocast, a low-precision tensor as in training
+        y = x
+        if amp is not None:
+            with torch.autocast(logits.device.type, dtype=amp):
+                y = x.to(amp)  # the model's output: under autocast, a low-precision tensor as in training
         f(y.float()).backward()
         return x.grad
 

@@ -50,7 +50,8 @@ class _SmoothedStatistics(torch.autograd.Function):
     ``|p - y|_1 = sx + count - 2 inner_h + dcorr``, and ``icorr_c = sum_S p (y - [l = c])``, so that
     ``<p, y> = inner_h + icorr``. Off the label class ``|p - a| - p = max(-a, a - 2p)``; the label class is fixed up
     per pixel. Backward: the hard gradient plus, at the smoothed pixels, the softmax Jacobian applied to the
-    corrections' gradient, added block by block into the same buffer.
+    corrections' gradient, added block by block into the same buffer. The blocks are kept from the forward pass for
+    the backward pass: memory of the smoothed pixels' share of ``p`` (the gather costs as much as the arithmetic).
     """
 
     @staticmethod
@@ -61,7 +62,8 @@ class _SmoothedStatistics(torch.autograd.Function):
         sx, inner, sx2, x_lab = hard_sums(probs, labels, keepf, ignored, need_squares)
         dcorr = probs.new_zeros(b, c)
         icorr = probs.new_zeros(b, c) if need_inner else None
-        for k, _, p, lab, p_lab, a_s, w_s in _smoothed_blocks(probs, pixels, labels, x_lab, a, w):
+        blocks = list(_smoothed_blocks(probs, pixels, labels, x_lab, a, w))
+        for k, _, p, lab, p_lab, a_s, w_s in blocks:
             r = torch.sub(a_s, p, alpha=2.0)
             dcorr[k] += torch.maximum(r, -a_s, out=r).sum(1)
             exact = (p_lab - a_s - w_s).abs_() + p_lab - 1
@@ -70,20 +72,22 @@ class _SmoothedStatistics(torch.autograd.Function):
             if need_inner:
                 icorr[k] += torch.mv(p, a_s)
                 icorr[k].index_add_(0, lab, p_lab * (w_s - 1))
-        ctx.save_for_backward(probs, labels, x_lab, a, w)
-        ctx.pixels, ctx.ignored, ctx.need_squares = pixels, ignored, need_squares
+        # saved tensors (unlike attributes of ctx) are freed as soon as the backward pass is done
+        ctx.save_for_backward(probs, labels, x_lab, *[t for block in blocks for t in block[1:]])
+        ctx.images, ctx.ignored, ctx.need_squares = [block[0] for block in blocks], ignored, need_squares
         ctx.mark_non_differentiable(probs)
         return probs, sx, inner, sx2, dcorr, icorr
 
     @staticmethod
     def backward(ctx, _g_probs, g_sx, g_inner, g_sx2, g_dcorr, g_icorr):
-        probs, labels, x_lab, a, w = ctx.saved_tensors
+        probs, labels, x_lab, *saved = ctx.saved_tensors
+        blocks = [(k, *saved[6 * i : 6 * i + 6]) for i, k in enumerate(ctx.images)]
         g_sx2 = g_sx2 if ctx.need_squares else None
         dz = hard_sums_backward(probs, labels, x_lab, ctx.ignored, g_sx, g_inner, g_sx2)
         if g_dcorr is None and g_icorr is None:
             return dz, *[None] * 8
         flat = dz.view(probs.shape[0], probs.shape[1], -1)
-        for k, idx, p, lab, p_lab, a_s, w_s in _smoothed_blocks(probs, ctx.pixels, labels, x_lab, a, w):
+        for k, idx, p, lab, p_lab, a_s, w_s in blocks:
             # d(corrections) / dp at the block's pixels, (C, S)
             if g_dcorr is not None:
                 gd = g_dcorr[k]
