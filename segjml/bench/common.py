@@ -30,6 +30,26 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int = 5
     return statistics.median(times)
 
 
+def paired_median_times(
+    fn: Callable[[], object], baseline: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> tuple[float, float]:
+    """Median wall times of ``fn()`` and ``baseline()`` called alternately, ``repeats`` times each after ``warmup``
+    calls of each: their ratio compares the two under the same machine state, which drifts by 10-30% over minutes on
+    a shared CPU machine."""
+    for _ in range(warmup):
+        fn()
+        baseline()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for which, f in enumerate((fn, baseline)):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[which].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -2,7 +2,8 @@
 
 ``python -m segjml.bench losses [--shapes 8x21x512x512 8x150x512x512] [--repeats 3] [--device cpu] [--amp bf16]``
 
-Every ratio is taken against the fastest PyTorch implementation of the same thing, measured in the same run:
+Every ratio is taken against the fastest PyTorch implementation of the same thing, measured in the same run, each
+call of a row alternating with a call of the baseline (the ratio is of the two medians):
 ``F.cross_entropy`` with class-index targets (and ``ignore_index``) for hard labels and for boundary-smoothed labels
 (BLS: hard labels plus a per-pixel eps, which is what CE and JML consume), ``F.cross_entropy`` with probability
 targets for dense soft targets (a distribution per pixel, as a teacher's or an SSL pseudo-label). SMP's
@@ -24,6 +25,7 @@ from segjml.bench.common import (
     block_labels,
     fmt_bytes,
     median_time,
+    paired_median_times,
     parse_shape,
     peak_extra_memory,
     shape_parser,
@@ -104,17 +106,19 @@ def main(argv: list[str] | None = None) -> None:
         for kind in args.kinds:
             baseline, rows = ROWS[kind]
             logits, target, labels = make_inputs(shape, kind, device)
-            base_t = base_m = None
-            for name in [baseline, *rows]:
+            base_step = make_step(baseline, kind, logits, target, labels, amp)
+            base_m = float("nan") if args.no_memory else peak_extra_memory(base_step, device)
+            label = f"{baseline} ({'prob' if kind == 'soft' else 'index'})"
+            base_t = median_time(base_step, device, args.repeats)
+            print(f"{shape_str:<16} {kind:<6} {label:<18} {base_t:9.3f} {1:6.2f} {fmt_bytes(base_m):>12} {1:6.2f}")
+            for name in rows:
                 slow = name == "lovasz"  # one class at a time over sorted pixels: tens of seconds at C = 150
                 step = make_step(name, kind, logits, target, labels, amp)
-                t = median_time(step, device, 1 if slow else args.repeats, 0 if slow else 1)
+                # each call of the row alternates with a call of the baseline: the ratio sees one machine state
+                t, paired = paired_median_times(step, base_step, device, 1 if slow else args.repeats, 0 if slow else 1)
                 m = float("nan") if args.no_memory else peak_extra_memory(step, device)
-                if name == baseline:
-                    base_t, base_m = t, m
-                label = f"{name} ({'prob' if kind == 'soft' else 'index'})" if name == baseline else name
                 print(
-                    f"{shape_str:<16} {kind:<6} {label:<18} {t:9.3f} {t / base_t:6.2f} {fmt_bytes(m):>12} "
+                    f"{shape_str:<16} {kind:<6} {name:<18} {t:9.3f} {t / paired:6.2f} {fmt_bytes(m):>12} "
                     f"{m / base_m if base_m else float('nan'):6.2f}",
                     flush=True,
                 )
