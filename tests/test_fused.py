@@ -180,3 +180,21 @@ def test_a_retained_graph_gives_the_same_gradient_twice(kind):
     (second,) = torch.autograd.grad(loss, x)
     assert torch.equal(first, second)
     assert first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ("hard", "bls", "soft"))
+def test_an_image_whose_pixels_are_all_ignored_adds_nothing(kind):
+    # Sums over kept pixels are taken as sums over every pixel less the ignored part: an image with no kept pixel
+    # must still contribute nothing (per-image mIoU^I over ALL classes sees every image).
+    logits, target = make(kind, seed=6)
+    keep = torch.ones(B, H, W, dtype=torch.bool)
+    keep[1] = False
+
+    def run(loss):
+        return value_and_grad(lambda x, t: loss(x, t, keep), logits, target)
+
+    for args in (dict(miou_d=1.0), dict(miou_d=0.0, miou_i=1.0, active_classes="ALL")):
+        fused, plain = run(JaccardMetricLoss(**args)), run(JaccardMetricLoss(**args, fused=False))
+        torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(fused[1], plain[1], rtol=0, atol=1e-10)
+        assert torch.equal(fused[1][1], torch.zeros_like(fused[1][1]))
