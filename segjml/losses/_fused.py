@@ -81,7 +81,8 @@ class _SmoothedStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _g_probs, g_sx, g_inner, g_sx2, g_dcorr, g_icorr):
         probs, labels, x_lab, *saved = ctx.saved_tensors
-        blocks = [(k, *saved[6 * i : 6 * i + 6]) for i, k in enumerate(ctx.images)]
+        width = len(saved) // max(len(ctx.images), 1)  # tensors per block: indices, p, label, p_label, a, w
+        blocks = [(k, *saved[width * i : width * (i + 1)]) for i, k in enumerate(ctx.images)]
         g_sx2 = g_sx2 if ctx.need_squares else None
         dz = hard_sums_backward(probs, labels, x_lab, ctx.ignored, g_sx, g_inner, g_sx2)
         if g_dcorr is None and g_icorr is None:
