@@ -30,6 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from segjml.data.errors import DataError
     from segjml.engine.checkpoint import CheckpointError
     from segjml.engine.distillation import TeacherError
+    from segjml.engine.stopping import RunLockedError
     from segjml.models import PretrainedWeightsError
 
     return (
@@ -38,6 +39,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         PretrainedWeightsError,
         TeacherError,
+        RunLockedError,
         FloatingPointError,
         ValueError,
         MissingMandatoryValue,
@@ -76,11 +78,26 @@ def _save_traceback(cfg: DictConfig) -> None:
         pass
 
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def run_training(cfg: DictConfig) -> float:
-    """Train from a composed config; returns the final mIoU (what a Hydra sweeper optimises)."""
+    """Train from a composed config; returns the final mIoU (what a Hydra sweeper optimises).
+
+    Ctrl-C saves ``last.pt`` at the next iteration boundary and ends the process with code 130; a second Ctrl-C ends
+    it at once, without saving.
+    """
     from segjml.engine import train
 
-    return guarded(cfg, lambda: train(cfg).get("miou", float("nan")))
+    try:
+        result = guarded(cfg, lambda: train(cfg))
+    except KeyboardInterrupt:
+        _save_traceback(cfg)
+        print("error: interrupted twice: stopped at once, without saving", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    if result.get("signal") == "SIGINT":  # the trainer has logged "interrupted at iteration N: saved ..."
+        sys.exit(INTERRUPTED)
+    return result.get("miou", float("nan"))
 
 
 def run_evaluation(cfg: DictConfig) -> float:

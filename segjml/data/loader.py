@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import random
+import weakref
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from segjml.data.errors import DataError
 from segjml.data.samplers import ResumableSampler, SeededSamples, ShardSampler
 from segjml.data.transforms import train_transform, val_transform
 from segjml.utils import build
+from segjml.utils.signals import ignore_stop_signals, stop_signals_blocked
 
 
 def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transform: bool = True) -> Dataset:
@@ -41,12 +45,50 @@ def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transfo
     return dataset
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    # Stop signals are for the main process, which saves and then shuts the workers down (segjml/utils/signals.py).
+    ignore_stop_signals()
     # torch seeds each worker from the loader's generator; numpy and random follow that seed. (Augmentations are
     # re-seeded per sample by SeededSamples, so results do not depend on which worker loads a sample.)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+class QuietWorkersLoader(DataLoader):
+    """A DataLoader whose workers are started with the stop signals blocked (then ignore them, see
+    :func:`_init_worker`): a signal sent to the whole process group reaches the main process only.
+
+    Since its workers ignore SIGTERM, the way torch and multiprocessing end a worker that is still running, they are
+    ended by :func:`shutdown_workers`: when a run ends, and at the latest when the process exits.
+    """
+
+    live: weakref.WeakSet = weakref.WeakSet()  # the iterators that own worker processes
+
+    def __iter__(self):
+        with stop_signals_blocked():
+            iterator = super().__iter__()
+        if self.num_workers > 0:
+            QuietWorkersLoader.live.add(iterator)
+        return iterator
+
+
+def shutdown_workers() -> None:
+    """End the workers of every :class:`QuietWorkersLoader`: torch's own shutdown (which asks them to exit), then
+    SIGKILL for any that is still alive (a worker holds no state of the run)."""
+    for iterator in list(QuietWorkersLoader.live):
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+        QuietWorkersLoader.live.discard(iterator)
+
+
+# Registered after multiprocessing's exit handler, so it runs first: that handler sends SIGTERM to daemonic children
+# and then waits for them, forever for a worker that ignores SIGTERM (after an error left an iterator alive).
+atexit.register(shutdown_workers)
 
 
 def build_loader(
@@ -61,7 +103,8 @@ def build_loader(
 ) -> DataLoader:
     """A reproducible loader.
 
-    Training: :class:`ResumableSampler` (seeded shuffling per epoch, this rank's share, restartable mid-epoch) over
+    Its workers ignore the stop signals (:class:`QuietWorkersLoader`). Training: :class:`ResumableSampler` (seeded
+    shuffling per epoch, this rank's share, restartable mid-epoch) over
     :class:`SeededSamples` (augmentation seeded per sample), ``drop_last``. Evaluation: every sample exactly once over
     all ranks (:class:`ShardSampler`), so metrics synchronised across ranks equal a single-process evaluation.
     """
@@ -75,14 +118,14 @@ def build_loader(
         dataset = SeededSamples(dataset, seed)
     else:
         sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(
+    return QuietWorkersLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=train,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_init_worker,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
     )

@@ -70,6 +70,15 @@ def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return not all_true(not flag, info, device)
 
 
+def any_each(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each of ``flags`` combined with OR over every rank, in one all-reduce (the flags themselves when alone)."""
+    if not info.enabled:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

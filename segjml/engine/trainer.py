@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from segjml.data import build_dataset, build_loader
+from segjml.data import DataError, build_dataset, build_loader
+from segjml.data.loader import shutdown_workers
 from segjml.engine import distributed as D
 from segjml.engine.checkpoint import (
     CheckpointError,
@@ -45,6 +45,7 @@ from segjml.engine.inference import evaluate, write_report
 from segjml.engine.logger import RunLogger
 from segjml.engine.optim import build_optimizer
 from segjml.engine.ssl import SemiSupervised, build_ssl, labeled_subset, split_training_set, ssl_terms, step_generator
+from segjml.engine.stopping import RunLock, RunLockedError, StopSignal, annotate, deferred_worker_deaths, worker_died
 from segjml.metrics import SegmentationMetrics
 from segjml.utils import build
 
@@ -63,33 +64,6 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
     return next(
         (g["lr"] for g in optimizer.param_groups if g.get("lr_mult", 1.0) == 1.0), optimizer.param_groups[0]["lr"]
     )
-
-
-class StopSignal:
-    """Records SIGTERM / SIGUSR1 / SIGUSR2 (cluster preemption, time limit) so the loop can save and exit at an
-    iteration boundary. A handler that was installed before (submitit's USR2 handler requeues the SLURM job) is
-    called after the checkpoint is written (:meth:`forward`)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous = {}
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def forward(self) -> None:
-        """Hand the received signal to the handler installed before ours, if that was a Python function."""
-        handler = self.previous.get(self.received)
-        if callable(handler):
-            handler(self.received, None)
 
 
 def batches(loader, start: int):
@@ -139,6 +113,12 @@ class TrainState:
     iteration: int = 0
     best_miou: float = -1.0
     skipped: dict[str, int] = field(default_factory=lambda: {"amp": 0, "nonfinite": 0})
+    saved_at: int | None = None  # the iteration of the newest last.pt (written or resumed), not saved itself
+    saved_time: float = field(default_factory=lambda: time.monotonic())  # when (for trainer.ckpt_minutes)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A non-finite loss, found before the backward pass: the model is still that of the previous iteration."""
 
 
 def check_trainer_config(tcfg: DictConfig) -> None:
@@ -156,6 +136,9 @@ def check_trainer_config(tcfg: DictConfig) -> None:
             raise ValueError(f"trainer.{key}={tcfg[key]} must be >= 1")
     if tcfg.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={tcfg.precision} is not one of {', '.join(PRECISIONS)}")
+    for key in ("ckpt_minutes", "lock_stale_minutes"):
+        if tcfg[key] is not None and tcfg[key] < 0:
+            raise ValueError(f"trainer.{key}={tcfg[key]} must be >= 0 (0 or null: off)")
 
 
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, Dataset]:
@@ -173,11 +156,23 @@ def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, Dataset]:
     return labeled_subset(train_set, labeled_idx), labeled_subset(train_set, unlabeled_idx), val_set
 
 
-def build_run(cfg: DictConfig) -> Run:
+def lock_run_dir(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (:class:`RunLock`); every rank stops if it cannot."""
+    lock, refused = None, None
+    if dist.is_main:
+        lock = RunLock(Path(cfg.paths.output_dir), cfg.trainer.lock_stale_minutes or float("inf"))
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            lock, refused = None, err
+    if not D.all_true(refused is None, dist, device):
+        raise refused or RunLockedError("rank 0 could not lock the run directory (its message says why)")
+    return lock
+
+
+def build_run(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run:
     """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics."""
     tcfg = cfg.trainer
-    check_trainer_config(tcfg)
-    dist, device = D.init_distributed(tcfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     train_set, unlabeled_set, val_set = build_datasets(cfg)
     class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
@@ -246,10 +241,17 @@ def resume(run: Run) -> TrainState:
     (``RESUME_MUTABLE_KEYS``); ``trainer.allow_config_change=true`` accepts a difference on purpose.
     """
     tcfg = run.cfg.trainer
-    path = Path(tcfg.resume) if tcfg.resume else find_resumable(run.run_dir / "checkpoints" / "last.pt")
+    path = None
+    if run.dist.is_main:  # one decision for every rank: on a lagging shared file system ranks could see other files
+        path = Path(tcfg.resume) if tcfg.resume else find_resumable(run.run_dir / "checkpoints" / "last.pt")
+    if run.dist.enabled:
+        shared = [path]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        path = shared[0]
     if path is None:
         return TrainState()
-    state = load_checkpoint(path, map_location=run.device)
+    # On the CPU: the RNG states must stay there, and load_state_dict moves every tensor where its module lives
+    state = load_checkpoint(path, map_location="cpu")
     if not tcfg.allow_config_change:
         check_resumable_config(state.get("config"), resolved_config(run.cfg), str(path))
     if run.teacher_hash is not None and state.get("teacher_sha256") not in (None, run.teacher_hash):
@@ -265,7 +267,7 @@ def resume(run: Run) -> TrainState:
         run.ssl.teacher.load_state_dict(state["ema"])
     restore_rng_state(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
     log.info("resumed from %s at iteration %d", path, state["iteration"])
-    return TrainState(state["iteration"], state["best_miou"], state["skipped"])
+    return TrainState(state["iteration"], state["best_miou"], state["skipped"], saved_at=state["iteration"])
 
 
 def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
@@ -296,6 +298,12 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
     )
 
 
+def save_last(run: Run, state: TrainState) -> None:
+    """``checkpoints/last.pt`` (collective), remembering when and at which iteration it was written."""
+    save_checkpoint(run, state, "last")
+    state.saved_at, state.saved_time = state.iteration, time.monotonic()
+
+
 def _student(run: Run, image: torch.Tensor, with_aux: bool | None = None) -> dict[str, torch.Tensor]:
     """The student's outputs, cast to float32 for the loss (``with_aux=False``: main head only)."""
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
@@ -322,10 +330,7 @@ def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> b
         return True
     names = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
     if not run.cfg.trainer.skip_nonfinite:
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration} ({names}); weights and checkpoints are "
-            f"those of the last good iteration"
-        )
+        raise NonFiniteLoss(f"non-finite loss at iteration {iteration} ({names})")
     log.warning("skipping iteration %d: non-finite loss (%s)", iteration, names)
     return False
 
@@ -512,13 +517,86 @@ def periodic(run: Run, state: TrainState, terms: dict, meter: Meter, logger: Run
         if run.dist.is_main:
             bar.write(f"iter {done}: val mIoU {result['miou']:.2f}  Acc {result['acc']:.2f}  ECE {result['ece']:.2f}")
     if done % tcfg.ckpt_interval == 0 and done < tcfg.max_iters:
-        save_checkpoint(run, state, "last")
+        save_last(run, state)
+
+
+def next_batch(run: Run, data, unlabeled) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """The micro-batches of the next step on the device (and the unlabeled images of an SSL step, or ``None``)."""
+    tcfg, micro = run.cfg.trainer, []
+    for _ in range(tcfg.accumulate_steps):
+        image, target = next(data)
+        image, target = image.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
+        if tcfg.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        micro.append((image, target))
+    image_u = None
+    if unlabeled is not None:  # the unlabeled images only: their labels are never read
+        image_u = next(unlabeled)[0].to(run.device, non_blocking=True)
+        if tcfg.channels_last:
+            image_u = image_u.contiguous(memory_format=torch.channels_last)
+    return micro, image_u
+
+
+def checkpoint_due(run: Run, state: TrainState) -> bool:
+    """``trainer.ckpt_minutes`` have passed since ``last.pt`` was written (rank 0's clock decides for all)."""
+    minutes = run.cfg.trainer.ckpt_minutes
+    return bool(minutes) and run.dist.is_main and time.monotonic() - state.saved_time >= 60.0 * minutes
+
+
+def _where_saved(state: TrainState) -> str:
+    if state.saved_at is None:
+        return "no checkpoint was written yet"
+    return f"checkpoints/last.pt holds iteration {state.saved_at}"
+
+
+def stopped_on_error(run: Run, state: TrainState, err: BaseException | None) -> BaseException:
+    """The error to raise after an error between iterations was agreed on and ``last.pt`` saved."""
+    note = f"stopped at iteration {state.iteration}: saved checkpoints/last.pt; rerun the same command to resume"
+    if err is None:
+        return RuntimeError(f"another process of this run stopped on an error (its message says which); {note}")
+    if worker_died(err):  # the OOM killer sends SIGKILL
+        first = str(err).strip().splitlines()[0].rstrip(". ")
+        return DataError(
+            f"a data-loading worker died ({first}; the out-of-memory killer sends SIGKILL: lower "
+            f"trainer.num_workers or trainer.batch_size, or ask for more memory) ({note})"
+        )
+    if not annotate(err, note):
+        log.error("%s", note)
+    return err
+
+
+def guarded_step(run: Run, state: TrainState, micro: list, image_u: torch.Tensor | None) -> dict:
+    """:func:`train_step`, saving ``last.pt`` on a non-finite loss (the model is still that of the previous
+    iteration: the BatchNorm statistics and RNG states of the failed forward pass are rolled back first); any other
+    error inside the step leaves the half-done update unsaved, and its message says so."""
+    buffers = list(run.model.buffers())
+    before = [b.clone() for b in buffers] if buffers else []
+    rng = torch.get_rng_state()
+    try:
+        return train_step(run, state, micro, image_u)
+    except NonFiniteLoss as err:
+        if buffers:
+            torch._foreach_copy_(buffers, before)
+        torch.set_rng_state(rng)
+        save_last(run, state)
+        annotate(err, f"saved checkpoints/last.pt at iteration {state.iteration}, the last good one")
+        raise
+    except Exception as err:
+        note = f"stopped inside iteration {state.iteration + 1}: not saved, that step's update is incomplete"
+        if not annotate(err, f"{note}; {_where_saved(state)}"):
+            log.error("%s", note)
+        raise
 
 
 def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger) -> dict:
-    """Optimizer steps from ``state.iteration`` to ``max_iters``, then the final evaluation and checkpoints."""
-    tcfg, accumulate = run.cfg.trainer, run.cfg.trainer.accumulate_steps
-    data = batches(run.train_loader, state.iteration * accumulate)
+    """Optimizer steps from ``state.iteration`` to ``max_iters``, then the final evaluation and checkpoints.
+
+    Every iteration boundary is agreed on by all ranks (one all-reduce): a stop signal, an error since the last
+    boundary (loading data, a worker's death, logging, evaluation) or ``trainer.ckpt_minutes`` make every rank save
+    ``last.pt`` at the same iteration; a signal or an error then ends the run.
+    """
+    tcfg = run.cfg.trainer
+    data = batches(run.train_loader, state.iteration * tcfg.accumulate_steps)
     unlabeled = None
     if run.ssl is not None and run.ssl.uses_unlabeled:
         unlabeled = batches(run.ssl.unlabeled_loader, state.iteration)
@@ -531,42 +609,60 @@ def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger)
         disable=not (tcfg.progress and run.dist.is_main),
     )
     meter = Meter(state.iteration)
+    failed: BaseException | None = None  # an error between iterations, raised once last.pt is saved
     try:
-        while state.iteration < tcfg.max_iters:
-            if D.any_true(stop.received is not None, run.dist, run.device):
-                save_checkpoint(run, state, "last")
-                log.warning(
-                    "signal received: saved checkpoints/last.pt at iteration %d; rerun the command to resume",
-                    state.iteration,
-                )
-                return {"stopped_at": state.iteration}
-            micro = []
-            for _ in range(accumulate):
-                image, target = next(data)
-                image, target = image.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
-                if tcfg.channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last)
-                micro.append((image, target))
-            image_u = None
-            if unlabeled is not None:  # the unlabeled images only: their labels are never read
-                image_u = next(unlabeled)[0].to(run.device, non_blocking=True)
-                if tcfg.channels_last:
-                    image_u = image_u.contiguous(memory_format=torch.channels_last)
+        while True:
+            batch = None
+            if failed is None and state.iteration < tcfg.max_iters:
+                try:
+                    batch = next_batch(run, data, unlabeled)
+                except Exception as err:
+                    failed = err
+            signalled, error, due = D.any_each(
+                [stop.received is not None, failed is not None, checkpoint_due(run, state)], run.dist, run.device
+            )
+            if signalled or error or due:
+                save_last(run, state)
+            if error:
+                raise stopped_on_error(run, state, failed)
+            if signalled:
+                if stop.interrupted:
+                    message = f"interrupted at iteration {state.iteration}: saved checkpoints/last.pt"
+                else:
+                    message = f"{stop.name} received: saved checkpoints/last.pt at iteration {state.iteration}"
+                log.warning("%s; rerun the same command to resume", message)
+                return {"stopped_at": state.iteration, "signal": stop.name}
+            if state.iteration >= tcfg.max_iters:
+                break
             meter.lap("data")
-            terms = train_step(run, state, micro, image_u)
-            meter.lap("step")
-            periodic(run, state, terms, meter, logger, bar)
+            done = False
+            try:
+                with deferred_worker_deaths():  # a worker's death is raised after the step, not inside it
+                    terms = guarded_step(run, state, *batch)
+                    done = True
+                meter.lap("step")
+                periodic(run, state, terms, meter, logger, bar)
+            except Exception as err:
+                if not done:
+                    raise
+                failed = err
             meter.lap()
             bar.update(1)
     finally:
         bar.close()
-    return finish(run, state, logger)
+    try:
+        return finish(run, state, logger)
+    except Exception as err:
+        if isinstance(err, CheckpointError) or run.dist.enabled:  # cannot save / other ranks may be elsewhere
+            raise
+        save_last(run, state)
+        raise stopped_on_error(run, state, err) from None
 
 
 def finish(run: Run, state: TrainState, logger: RunLogger) -> dict:
     """Final evaluation, ``best.pt`` / ``last.pt``, ``metrics.json``, the per-class table on the console."""
     result = evaluate_and_keep_best(run, state, logger)
-    save_checkpoint(run, state, "last")
+    save_last(run, state)
     if run.dist.is_main:
         log.info("run directory: %s", run.run_dir)
         write_report(result, run.metrics, run.run_dir, run.class_names, run.cfg.name)  # the table comes last
@@ -574,14 +670,19 @@ def finish(run: Run, state: TrainState, logger: RunLogger) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train and evaluate one run; returns the final metrics (``{"stopped_at": it}`` after a stop signal).
+    """Train and evaluate one run; returns the final metrics (``{"stopped_at": it, "signal": name}`` after a stop
+    signal: the caller ends with code 130 after Ctrl-C).
 
-    Signal handlers, the log file, wandb and the process group are released whatever happens, so a caller that
-    trains several runs in one process (``make reproduce-smoke``) starts each from a clean state.
+    The run directory is locked (``run.lock``) for the duration. Signal handlers, the lock, the log file, wandb and
+    the process group are released whatever happens, so a caller that trains several runs in one process (``make
+    reproduce-smoke``) starts each from a clean state.
     """
-    run = build_run(cfg)
-    logger, stop = None, None
+    check_trainer_config(cfg.trainer)
+    dist, device = D.init_distributed(cfg.trainer.device)
+    lock, logger, stop = None, None, None
     try:
+        lock = lock_run_dir(cfg, dist, device)
+        run = build_run(cfg, dist, device)
         state = resume(run)
         logger = RunLogger(run.run_dir, cfg, enabled=run.dist.is_main)
         stop = StopSignal()
@@ -591,7 +692,10 @@ def train(cfg: DictConfig) -> dict:
             stop.restore()
         if logger is not None:
             logger.close()
-        D.cleanup(run.dist)
+        shutdown_workers()  # the loaders' workers ignore SIGTERM: end them here (also after an error)
+        if lock is not None:
+            lock.release()
+        D.cleanup(dist)
     if "stopped_at" in result:
         stop.forward()  # e.g. submitit requeues the job, which resumes from last.pt
     return result
