@@ -71,6 +71,8 @@ class TrainerConfig:
     log_interval: int = 50
     eval_interval: int = 4000
     ckpt_interval: int = 1000
+    ckpt_minutes: float | None = 30.0
+    lock_stale_minutes: float | None = 10.0
     progress: bool = True
     resume: str | None = None
     skip_nonfinite: bool = False

@@ -403,6 +403,8 @@ RESUME_MUTABLE_KEYS: tuple[str, ...] = (
     "trainer.resume",  # paths: which checkpoint to resume from
     "trainer.eval_interval",  # logging: how often the validation set is evaluated
     "trainer.ckpt_interval",  # logging: how often last.pt is written
+    "trainer.ckpt_minutes",  # logging: how often last.pt is written
+    "trainer.lock_stale_minutes",  # when a run.lock left by a dead run is taken over
     "trainer.allow_config_change",  # the switch that lets a changed config resume
     "logger",  # logging: W&B project, mode, tags
     "paths",  # paths: data and output directories (a moved data set or log dir)
