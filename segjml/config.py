@@ -9,6 +9,7 @@ built.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,16 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def run_name(experiment: str | None, dataset: str, model: str, loss: str) -> str:
     """The run name of a composition: the preset's name when one is used, else ``<dataset>_<model>_<loss>``."""
     return str(experiment) if experiment else f"{dataset}_{model}_{loss}"
+
+
+def sweep_dirname(override_dirname: str) -> str:
+    """The ``job.override_dirname`` of a sweep's job as the same command without ``-m`` spells it.
+
+    Hydra's sweeper rewrites every override of a job from its parsed value, so ``pretrained=false`` arrives as
+    ``pretrained=False``; lower-casing the booleans (as the docs and ``--cfg`` write them) gives the job the directory
+    of the single run.
+    """
+    return re.sub(r"(?<==)(True|False)(?=,|$)", lambda m: m.group(1).lower(), override_dirname)
 
 
 def compose(
@@ -84,10 +95,12 @@ class TrainerConfig:
 
 
 def register_configs() -> None:
-    """The trainer schema in Hydra's ConfigStore and the ``run_name`` resolver the main config names runs with."""
+    """The trainer schema in Hydra's ConfigStore, the ``run_name`` resolver the main config names runs with and the
+    ``sweep_dirname`` one that places a sweep's jobs (``configs/hydra/default.yaml``)."""
     ConfigStore.instance().store(group="trainer", name="base_trainer", node=TrainerConfig)
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+    for name, resolver in (("run_name", run_name), ("sweep_dirname", sweep_dirname)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register_configs()

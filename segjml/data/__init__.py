@@ -8,8 +8,15 @@ from segjml.data.loader import build_dataset, build_loader
 from segjml.data.synthetic import SyntheticSegmentation
 from segjml.data.voc import PascalVOC
 
+# The data set classes of configs/dataset, by the `_target_` that names them there: the only data sets a config read
+# from a file (a checkpoint's) may build (docs/security.md).
+DATASET_TARGETS = {
+    f"segjml.data.{cls.__name__}": cls for cls in (ADE20K, Cityscapes, DeepGlobeLand, PascalVOC, SyntheticSegmentation)
+}
+
 __all__ = [
     "ADE20K",
+    "DATASET_TARGETS",
     "Cityscapes",
     "DataError",
     "DeepGlobeLand",

@@ -5,6 +5,8 @@
   directory: a crash or a full disk leaves either the old file or the new one, never a half-written file.
 - :func:`load_checkpoint` refuses anything that is not a segjml checkpoint with a one-line :class:`CheckpointError`.
 - :func:`load_model_state` loads weights strictly and names the first tensor that does not fit.
+- :func:`check_allowed_targets` refuses a stored config that would build anything but segjml's own model builder or
+  data set classes; :func:`load_trained` calls the model builder with the checked values (docs/security.md).
 - :func:`config_hash`, :func:`config_diff` and :func:`check_resumable_config` tell whether a checkpoint was written
   by the config a run resumes with.
 """
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -313,26 +315,96 @@ def load_model_state(model: torch.nn.Module, state_dict: Mapping[str, Any], sour
         raise CheckpointError(f"{source} does not fit the model: {detail[:200]}; {advice}") from err
 
 
+# The builder a model config read from a checkpoint may call: the `_target_` of configs/model/common/base.yaml.
+MODEL_TARGET = "segjml.models.build_model"
+
+# Hydra keys that change how a node is built (positional arguments, a partial, ...); segjml's configs store none.
+_HYDRA_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def check_allowed_targets(
+    node: Any, allowed: Collection[str], source: str | os.PathLike, key: str, kind: str, built: bool = False
+) -> None:
+    """Refuse a config node read from a file (a checkpoint's) unless building it can only call one of ``allowed``.
+
+    Checked before anything is imported or built: every mapping in ``node`` (``key`` is its dotted name) that holds
+    ``_target_`` names one of ``allowed`` and holds no other such mapping below it (a built node's arguments are
+    plain values). Hydra's ``_args_``, ``_partial_``, ``_recursive_`` and ``_convert_`` are refused anywhere, and so
+    are interpolations (``${...}``): a stored config is saved resolved, and resolving one could make a node this check
+    never saw. With ``built``, ``node`` itself must hold one of ``allowed``.
+
+    Raises:
+        CheckpointError: ``checkpoint <source> is refused: its config sets <dotted key>=<value>, <why>; only <allowed>
+            is (are) built from a stored config, with plain values``.
+    """
+    allowed = tuple(allowed)
+
+    def refuse(at: str, value: Any, why: str) -> CheckpointError:
+        verb = "is" if len(allowed) == 1 else "are"
+        return CheckpointError(
+            f"checkpoint {source} is refused: its config sets {at}={_short(value)}, {why}; only {', '.join(allowed)} "
+            f"{verb} built from a stored config, with plain values"
+        )
+
+    def walk(value: Any, at: str, inside: str | None) -> None:
+        if isinstance(value, Mapping):
+            if "_target_" in value:
+                if value["_target_"] not in allowed:
+                    raise refuse(f"{at}._target_", value["_target_"], f"which is not a segjml {kind}")
+                if inside is not None:
+                    raise refuse(f"{at}._target_", value["_target_"], f"a node nested in {inside}")
+                inside = at
+            for name, item in value.items():
+                if name in _HYDRA_KEYS:
+                    raise refuse(f"{at}.{name}", item, "a Hydra instantiation key")
+                if name != "_target_":
+                    walk(item, f"{at}.{name}", inside)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{at}[{i}]", inside)
+        elif isinstance(value, str) and "${" in value:
+            raise refuse(at, value, "an interpolation (a stored config is saved resolved)")
+
+    node = _plain(node)
+    if built and not (isinstance(node, Mapping) and "_target_" in node):
+        at, value = (f"{key}._target_", _MISSING) if isinstance(node, Mapping) else (key, node)
+        raise refuse(at, value, f"which is not a segjml {kind}")
+    walk(node, key, None)
+
+
 def load_trained(
     path: str | os.PathLike, device: str | torch.device = "cpu", model_cfg: Mapping[str, Any] | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model of a segjml checkpoint, built from the model config stored in it (or ``model_cfg``), every weight
     loaded strictly, in eval mode on ``device``; and the checkpoint itself (its ``config`` is the run's config).
 
+    The stored config is the file's, not the user's: it must pass :func:`check_allowed_targets` (only
+    :data:`MODEL_TARGET`, nothing nested), and its values are passed to that builder directly, so Hydra never
+    instantiates anything read from the file. ``model_cfg`` (``teacher.model=``) is the user's own and built as given.
+
     Raises:
-        CheckpointError: unreadable file, no model config, or weights that do not fit the model (first tensor named).
+        CheckpointError: unreadable file, no model config, a stored model config that would build anything else, or
+            weights that do not fit the model (first tensor named).
     """
     from omegaconf import OmegaConf
 
+    from segjml.models import build_model
     from segjml.utils import build
 
     state = load_checkpoint(path, map_location=device)
-    node = model_cfg if model_cfg is not None else (state.get("config") or {}).get("model")
-    if node is None:
-        raise CheckpointError(f"checkpoint {path} holds no model config; give the model's config (teacher.model=...)")
-    node = OmegaConf.create(_plain(node))
-    node.pretrained = False  # every weight comes from the checkpoint
-    model = build(node)
+    if model_cfg is not None:
+        node = OmegaConf.create(_plain(model_cfg))
+        node.pretrained = False  # every weight comes from the checkpoint
+        model = build(node)
+    else:
+        node = (state.get("config") or {}).get("model")
+        if node is None:
+            raise CheckpointError(
+                f"checkpoint {path} holds no model config; give the model's config (teacher.model=...)"
+            )
+        check_allowed_targets(node, (MODEL_TARGET,), path, "model", "model builder", built=True)
+        kwargs = {name: value for name, value in node.items() if name != "_target_"}
+        model = build_model(**{**kwargs, "pretrained": False})  # every weight comes from the checkpoint
     load_model_state(model, evaluated_weights(state), f"checkpoint {path}")
     return model.to(device).eval(), state
 

@@ -5,21 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from segjml.engine.checkpoint import load_trained
+from segjml.engine.checkpoint import check_allowed_targets, load_trained
 from segjml.engine.distributed import resolve_device
 
 
 def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
-    """Colours of the data set's classes (from its data set class), for colour-coded predictions."""
-    cls = get_class(dataset_cfg.val._target_)
+    """Colours of the data set's classes (from its data set class), for colour-coded predictions.
+
+    The class is looked up in :data:`segjml.data.DATASET_TARGETS`, never imported by name (the config is a
+    checkpoint's); another class gets grey levels only.
+    """
+    from segjml.data import DATASET_TARGETS
+
+    cls = DATASET_TARGETS.get(dataset_cfg.val._target_)
     palette = list(getattr(cls, "palette", []))
     n = dataset_cfg.num_classes
     if len(palette) < n:  # pad with grey levels for classes without a colour
         palette += [(int(255 * i / max(n - 1, 1)),) * 3 for i in range(len(palette), n)]
     return palette
+
+
+def stored_dataset(path: str, state: dict) -> DictConfig:
+    """The data set config stored in checkpoint ``path`` (loaded as ``state``), once every ``_target_`` in it is one
+    of segjml's data set classes (:data:`segjml.data.DATASET_TARGETS`), nothing nested, no interpolation.
+
+    Raises:
+        CheckpointError: ``checkpoint <path> is refused: its config sets dataset.val._target_=<target>, ...``.
+    """
+    from segjml.data import DATASET_TARGETS
+
+    node = (state.get("config") or {}).get("dataset")
+    check_allowed_targets(node, DATASET_TARGETS, path, "dataset", "data set class")
+    return OmegaConf.create(node)
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
@@ -30,8 +49,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     device = resolve_device(cfg.device)
     model, state = load_trained(cfg.ckpt, device)
-    run_cfg = OmegaConf.create(state.get("config") or {})
-    data_cfg = cfg.dataset if cfg.get("dataset") else run_cfg.dataset
+    data_cfg = cfg.dataset if cfg.get("dataset") else stored_dataset(cfg.ckpt, state)  # dataset=: the user's own
     if data_cfg.num_classes != model.num_classes:
         raise ValueError(
             f"the checkpoint predicts {model.num_classes} classes but dataset {data_cfg.name} has "
@@ -52,7 +70,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         scales=cfg.scales,
         output_dir=cfg.paths.output_dir,
         class_names=names,
-        title=f"{run_cfg.get('name', '')} eval",
+        title=f"{(state.get('config') or {}).get('name', '')} eval",
     )
 
 
@@ -70,7 +88,7 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
     device = resolve_device(cfg.device)
     model, state = load_trained(cfg.ckpt, device)
-    run_cfg = OmegaConf.create(state.get("config") or {})
+    data_cfg = stored_dataset(cfg.ckpt, state)
     source = Path(str(cfg.inputs))
     files = (
         sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -79,7 +97,6 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     )
     if not files:
         raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
-    data_cfg = run_cfg.dataset
     palette = torch.tensor(dataset_palette(data_cfg), dtype=torch.uint8)
     transform = val_transform(data_cfg.mean, data_cfg.std)
     colormap = matplotlib.colormaps["viridis"]

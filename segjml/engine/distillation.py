@@ -34,8 +34,12 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
 
     Returns the frozen teacher and the SHA-256 of its checkpoint (stored in the student's checkpoints).
 
+    A model config stored in the checkpoint is the file's, built only through segjml's model builder
+    (:func:`segjml.engine.checkpoint.check_allowed_targets`); ``cfg.model`` is the user's own, built as given.
+
     Raises:
-        TeacherError: missing or unreadable checkpoint, weights that do not fit, class-count mismatch.
+        TeacherError: missing or unreadable checkpoint, a stored model config that would build anything but segjml's
+            model builder, weights that do not fit, class-count mismatch.
     """
     if not cfg.get("checkpoint"):
         raise TeacherError("this loss distils from a teacher: set teacher.checkpoint=<a segjml checkpoint .pt>")

@@ -7,7 +7,7 @@
   per run; used by ``make reproduce-smoke``).
 - any Hydra launcher (``submitit_slurm``, ``submitit_local``, ``basic``...): ``python train.py -m
   hydra/launcher=<name>`` sweeps, one per stage and group of runs that share overrides; the run directories are the
-  same as above (``hydra.sweep.dir=<log_dir>``, ``hydra.sweep.subdir=<name>/<override_dirname>``).
+  same as above (``hydra.sweep.dir=<log_dir>``; the default sweep subdir is ``<name>/<override_dirname>``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ def sweep_commands(runs: Sequence[Run], launcher: str, log_dir: Path, extra: Seq
                 *extra,
                 *_log_dir_override(log_dir),
                 f"hydra.sweep.dir={quote(str(log_dir))}",
-                "hydra.sweep.subdir=${name}/${hydra:job.override_dirname}",
             ]
             commands.append(cmd)
     return commands
