@@ -76,6 +76,9 @@ class TrainerConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+    deterministic: bool = False
     sync_bn: bool = True
     head_lr_mult: float = 10.0
     no_decay_1d: bool = True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,16 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device '{name}' asks for a GPU but torch sees none; use device=cpu (or auto)")
-        return torch.device("cuda", local_rank if device.index is None else device.index)
+        index = local_rank if device.index is None else device.index
+        visible = torch.cuda.device_count()
+        if index >= visible:
+            source = f"LOCAL_RANK={local_rank}" if device.index is None else f"device '{name}'"
+            raise ValueError(
+                f"{source} asks for GPU {index} but torch sees {visible} "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {visible} "
+                "process(es) per node (torchrun --nproc_per_node) or make more GPUs visible"
+            )
+        return torch.device("cuda", index)
     return device
 
 
@@ -49,6 +60,11 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if info.enabled and device_name.startswith("cuda:"):
+        raise ValueError(
+            f"trainer.device={device_name} under torchrun puts every process on that one GPU; use trainer.device=auto "
+            "(or cuda): each process takes cuda:LOCAL_RANK"
+        )
     device = resolve_device(device_name, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -82,3 +98,53 @@ def any_each(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_backend_policy(device: torch.device, cudnn_benchmark: bool, tf32: bool, deterministic: bool) -> None:
+    """The GPU settings of a training run on ``device`` (``trainer.cudnn_benchmark``, ``trainer.tf32``,
+    ``trainer.deterministic``; docs/distributed.md, "GPU settings"). They are process-wide; on the CPU only
+    ``deterministic`` has an effect.
+
+    - ``cudnn_benchmark``: cuDNN times the convolution algorithms for each new input shape and keeps the fastest (the
+      training crops all have one shape; evaluation turns it off, see :func:`cudnn_benchmark_off`).
+    - ``tf32``: float32 matrix products and convolutions of the model on TensorFloat-32 tensor cores (Ampere and
+      later); the losses keep full float32 (:func:`full_float32_matmuls`).
+    - ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)``, deterministic cuDNN algorithms
+      and no benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if it is not set. Ops without a deterministic CUDA
+      kernel warn instead of failing (the backward passes of bilinear upsampling and of adaptive average pooling,
+      which every architecture uses, and the weighted ``bincount`` of the metrics).
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if device.type != "cuda":  # the CPU's float32 matmuls keep their own default precision
+        return
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+@contextlib.contextmanager
+def full_float32_matmuls() -> Iterator[None]:
+    """Within: float32 matrix products in full precision, whatever ``trainer.tf32`` says (the loss sums)."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_off() -> Iterator[None]:
+    """Within: no cuDNN benchmarking (evaluation images have many sizes; each new one would be timed again)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -59,6 +59,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s generators once the model is built: ``seed`` on rank 0 (a single process draws
+    exactly as before), a NumPy ``SeedSequence`` of ``(seed, rank)`` elsewhere."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm layers to SyncBatchNorm, timm's norm+activation layers (``BatchNormAct2d``, in the MobileNetV2
+    encoders) included: torch's own converter turns those into a plain SyncBatchNorm that drops the activation."""
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)
+
+
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """Learning rate of the backbone groups (``lr_mult == 1``); heads run at ``head_lr_mult`` times it."""
     return next(
@@ -96,6 +110,7 @@ class Run:
     metrics: SegmentationMetrics
     class_names: list[str]
     ssl: SemiSupervised | None = None  # semi-supervised runs (cfg.ssl, segjml/engine/ssl.py)
+    with_aux: bool = True  # whether the training forward pass runs the auxiliary head (the loss reads it)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -187,18 +202,22 @@ def build_run(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run:
     )
 
     model = build(cfg.model).to(device)
+    seed_everything(rank_seed(cfg.seed, dist.rank))  # dropout and drop-path draw other masks on every rank
     if dist.enabled and tcfg.sync_bn and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    criterion = build(cfg.loss).to(device)
+    # The auxiliary head is run only if the loss reads it (SSL steps and loss.aux_weight=0 do not); its parameters
+    # then get no gradient, which DDP must be told about.
+    with_aux = cfg.get("ssl") is None and criterion.aux_weight > 0
+    unused = getattr(model, "aux_head", None) is not None and not with_aux
     device_ids = [device.index] if device.type == "cuda" else None
-    unused = cfg.get("ssl") is not None  # SSL steps run the main head only: the aux head gets no gradient there
     train_model = (
         DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused) if dist.enabled else model
     )
     if tcfg.compile:
         train_model = torch.compile(train_model)
-    criterion = build(cfg.loss).to(device)
     teacher, teacher_hash = None, None
     if criterion.needs_teacher:
         teacher, teacher_hash = build_teacher(cfg.teacher, cfg.dataset.num_classes, device)
@@ -211,22 +230,23 @@ def build_run(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run:
     if cfg.get("ssl") is not None:  # the unlabeled stream shuffles with its own seed
         ssl = build_ssl(cfg, model, unlabeled_set, lambda ds, bs: train_loader_of(ds, bs, cfg.seed + 1), device)
     return Run(
-        cfg,
-        dist,
-        device,
-        model,
-        train_model,
-        criterion,
-        teacher,
-        teacher_hash,
-        optimizer,
-        scheduler,
-        scaler,
-        train_loader,
-        val_loader,
-        metrics,
-        class_names,
-        ssl,
+        cfg=cfg,
+        dist=dist,
+        device=device,
+        model=model,
+        train_model=train_model,
+        criterion=criterion,
+        teacher=teacher,
+        teacher_hash=teacher_hash,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        metrics=metrics,
+        class_names=class_names,
+        ssl=ssl,
+        with_aux=with_aux,
     )
 
 
@@ -265,17 +285,23 @@ def resume(run: Run) -> TrainState:
         if state.get("ema") is None:
             raise CheckpointError(f"{path} holds no EMA teacher; it was not written by a semi-supervised run")
         run.ssl.teacher.load_state_dict(state["ema"])
-    restore_rng_state(state["rng"][min(run.dist.rank, len(state["rng"]) - 1)])
+    if run.dist.rank < len(state["rng"]):
+        restore_rng_state(state["rng"][run.dist.rank], run.device)
+    else:  # written by fewer processes: this rank keeps its own seed (rank_seed) rather than copy another's draws
+        log.warning(
+            "%s holds the RNG states of %d process(es); rank %d keeps its own", path, len(state["rng"]), run.dist.rank
+        )
     log.info("resumed from %s at iteration %d", path, state["iteration"])
     return TrainState(state["iteration"], state["best_miou"], state["skipped"], saved_at=state["iteration"])
 
 
 def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
     """``checkpoints/<name>.pt`` with everything :func:`resume` needs (collective: every rank must call it)."""
-    rng = [capture_rng_state()]
+    mine = capture_rng_state(run.device)
+    rng = [mine]
     if run.dist.enabled:  # every rank's generators, gathered on rank 0
         rng = [None] * run.dist.world_size
-        torch.distributed.all_gather_object(rng, capture_rng_state())
+        torch.distributed.all_gather_object(rng, mine)
     if not run.dist.is_main:
         return
     config = resolved_config(run.cfg)
@@ -305,9 +331,11 @@ def save_last(run: Run, state: TrainState) -> None:
 
 
 def _student(run: Run, image: torch.Tensor, with_aux: bool | None = None) -> dict[str, torch.Tensor]:
-    """The student's outputs, cast to float32 for the loss (``with_aux=False``: main head only)."""
+    """The student's outputs, cast to float32 for the loss (``with_aux=False``: main head only; default:
+    :attr:`Run.with_aux`)."""
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-        outputs = run.train_model(image) if with_aux is None else run.train_model(image, with_aux=with_aux)
+        aux = run.with_aux if with_aux is None else with_aux  # a model of one's own need not take with_aux=True
+        outputs = run.train_model(image) if aux else run.train_model(image, with_aux=False)
     return {k: v.float() for k, v in outputs.items()}
 
 
@@ -359,11 +387,13 @@ def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor
     full = {k: torch.cat([o[k] for o in outputs]).requires_grad_() for k in outputs[0]}
     target = torch.cat([t for _, t in micro])
     soft = {k: torch.cat([t[k] for t in teacher]) for k in teacher[0]} if run.teacher is not None else None
-    terms = run.criterion(full, target, soft)
+    with D.full_float32_matmuls():
+        terms = run.criterion(full, target, soft)
     if not _check_finite(run, terms, iteration):
         return terms, False
-    keys = list(full)
-    grads = torch.autograd.grad(terms["total"], [full[k] for k in keys])
+    keys = list(full)  # an output the loss does not read gets no gradient (allow_unused) and no surrogate term
+    grads = torch.autograd.grad(terms["total"], [full[k] for k in keys], allow_unused=True)
+    keys, grads = [k for k, g in zip(keys, grads) if g is not None], [g for g in grads if g is not None]
     start = 0
     for i, (image, _) in enumerate(micro):
         cpu_state, cuda_states = rng[i]
@@ -411,7 +441,8 @@ def train_step(
     elif len(micro) == 1:
         image, target = micro[0]
         outputs, soft = _forward(run, image)
-        terms = run.criterion(outputs, target, soft)  # losses in fp32
+        with D.full_float32_matmuls():  # losses in fp32, TF32 off
+            terms = run.criterion(outputs, target, soft)
         run.optimizer.zero_grad(set_to_none=True)
         ok = _check_finite(run, terms, iteration)
         if ok:
@@ -439,28 +470,32 @@ def train_step(
 
 
 def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
-    """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced)."""
+    """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced), in
+    float32 as ``eval.py`` does, so the logged validation metrics are those ``eval.py`` gives for the checkpoint."""
     tcfg = run.cfg.trainer
-    return evaluate(
-        run.ssl.eval_model(run.model) if run.ssl is not None else run.model,
-        run.val_loader,
-        run.metrics,
-        run.device,
-        tcfg.eval.mode,
-        run.cfg.dataset.crop_size,
-        flip=tcfg.eval.flip,
-        scales=tcfg.eval.scales,
-        autocast_dtype=run.autocast_dtype,
-        progress=tcfg.progress and run.dist.is_main,
-        output_dir=output_dir if run.dist.is_main else None,
-        class_names=run.class_names,
-        title=run.cfg.name,
-    )
+    with D.cudnn_benchmark_off():
+        return evaluate(
+            run.ssl.eval_model(run.model) if run.ssl is not None else run.model,
+            run.val_loader,
+            run.metrics,
+            run.device,
+            tcfg.eval.mode,
+            run.cfg.dataset.crop_size,
+            flip=tcfg.eval.flip,
+            scales=tcfg.eval.scales,
+            autocast_dtype=None,  # float32 whatever trainer.precision: the number eval.py reports for the checkpoint
+            progress=tcfg.progress and run.dist.is_main,
+            output_dir=output_dir if run.dist.is_main else None,
+            class_names=run.class_names,
+            title=run.cfg.name,
+        )
 
 
 def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> dict:
     """Evaluate, log ``val/*`` and write ``best.pt`` when the mIoU improves."""
     result = evaluate_run(run)
+    if run.device.type == "cuda":  # the training peak logged next excludes the evaluation's
+        torch.cuda.reset_peak_memory_stats(run.device)
     logger.log(state.iteration, {f"val/{k}": v for k, v in result.items() if k != "iou_per_class"})
     if result["miou"] > state.best_miou:
         state.best_miou = result["miou"]
@@ -469,10 +504,15 @@ def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> di
 
 
 class Meter:
-    """Data / step / iteration times averaged over the iterations since the last log line."""
+    """Data / step / iteration times averaged over the iterations since the last log line.
 
-    def __init__(self, start: int) -> None:
-        self.last, self.data, self.step = start, 0.0, 0.0
+    On a GPU the steps run asynchronously: ``sync`` (``torch.cuda.synchronize``) is called only when the times are
+    read, so ``iter_time`` counts every queued kernel while the iterations between log lines never wait; the split
+    into ``data_time`` and ``step_time`` is then the host's.
+    """
+
+    def __init__(self, start: int, sync=None) -> None:
+        self.last, self.data, self.step, self.sync = start, 0.0, 0.0, sync
         self.t_log = self.t = time.perf_counter()
 
     def lap(self, key: str | None = None) -> None:
@@ -483,6 +523,8 @@ class Meter:
         self.t = now
 
     def read(self, iteration: int) -> dict[str, float]:
+        if self.sync is not None:
+            self.sync()
         n, now = max(iteration - self.last, 1), time.perf_counter()
         values = {"data_time": self.data / n, "step_time": self.step / n, "iter_time": (now - self.t_log) / n}
         self.last, self.data, self.step, self.t_log = iteration, 0.0, 0.0, now
@@ -497,8 +539,9 @@ def log_step(run: Run, state: TrainState, terms: dict, meter: Meter, logger: Run
         amp_skipped=state.skipped["amp"],
         nonfinite_skipped=state.skipped["nonfinite"],
     )
-    if run.device.type == "cuda":
+    if run.device.type == "cuda":  # the peak since the previous log line (evaluations excluded, see below)
         values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(run.device)
     logger.log(state.iteration, values)
     postfix = {k: f"{v:.3f}" for k, v in values.items() if k in terms}
     postfix["lr"] = f"{values['lr']:.2e}"
@@ -608,7 +651,7 @@ def train_loop(run: Run, state: TrainState, stop: StopSignal, logger: RunLogger)
         dynamic_ncols=True,
         disable=not (tcfg.progress and run.dist.is_main),
     )
-    meter = Meter(state.iteration)
+    meter = Meter(state.iteration, sync=torch.cuda.synchronize if run.device.type == "cuda" else None)
     failed: BaseException | None = None  # an error between iterations, raised once last.pt is saved
     try:
         while True:
@@ -679,6 +722,7 @@ def train(cfg: DictConfig) -> dict:
     """
     check_trainer_config(cfg.trainer)
     dist, device = D.init_distributed(cfg.trainer.device)
+    D.set_backend_policy(device, cfg.trainer.cudnn_benchmark, cfg.trainer.tf32, cfg.trainer.deterministic)
     lock, logger, stop = None, None, None
     try:
         lock = lock_run_dir(cfg, dist, device)
