@@ -162,7 +162,8 @@ def _task_pid(controller: int) -> int | None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's process in /proc")
 def test_usr2_requeues_the_submitit_local_job_which_resumes_from_last_pt(tmp_path):
     """docs/reproduce.md, SLURM: the trainer catches USR2 at the next iteration, writes checkpoints/last.pt, then
-    hands the signal to submitit's handler, which requeues the job; the new attempt resumes from last.pt.
+    hands the signal to submitit's handler, which requeues the job; the new attempt resumes from last.pt. The signal
+    reaches the DataLoader workers too, as SLURM sends it to every process of the job step.
 
     submitit's local executor requeues as SLURM does: its handler exits the task with code 144 and the controller
     process (whose pid is the job id, ``.submitit/<id>``) starts the task again, which loads the checkpointed
@@ -172,7 +173,7 @@ def test_usr2_requeues_the_submitit_local_job_which_resumes_from_last_pt(tmp_pat
         "trainer.max_iters=400",
         "trainer.log_interval=1",
         "trainer.limit_val_samples=4",
-        "trainer.num_workers=0",
+        "trainer.num_workers=2",
         "trainer.progress=false",
         f"paths.log_dir={tmp_path}",
     ]
@@ -196,7 +197,10 @@ def test_usr2_requeues_the_submitit_local_job_which_resumes_from_last_pt(tmp_pat
                 task = _task_pid(int(jobs[0].name))
             time.sleep(0.2)
         assert task is not None, "the job showed no progress"
-        os.kill(task, signal.SIGUSR2)
+        # SLURM signals every process of the job step: the task and its DataLoader workers
+        workers = Path(f"/proc/{task}/task/{task}/children").read_text().split()
+        for pid in [task, *map(int, workers)]:
+            os.kill(pid, signal.SIGUSR2)
         out, _ = sweep.communicate(timeout=600)
     finally:
         if sweep.poll() is None:

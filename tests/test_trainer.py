@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,36 @@ def test_a_stop_signal_to_the_process_group_saves_last_and_the_rerun_ends_bitwis
     rerun = subprocess.run(command(tmp_path, *stop), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and f"at iteration {stopped}" in rerun.stdout + rerun.stderr
     assert_same_weights(final_weights(tmp_path), reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_of_a_torchrun_run_stops_every_rank_at_one_iteration_and_resumes_bitwise(tmp_path):
+    """torchrun, its two ranks and their DataLoader workers all get the signal (as from scancel or a time limit)."""
+
+    def cmd(log_dir):
+        args = [*RUN[1:], "trainer.num_workers=2", "trainer.ckpt_interval=1000", "trainer.log_interval=1"]
+        return torchrun_train(2, f"paths.log_dir={log_dir}", "debug=fast", *args)
+
+    reference = subprocess.run(cmd(tmp_path / "ref"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    proc = subprocess.Popen(
+        cmd(tmp_path / "run"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_logged_iteration(proc, tmp_path / "run", 3, timeout=300)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    stopped = final_weights(tmp_path / "run")["iteration"]
+    assert 3 <= stopped < 12
+    saved = re.findall(r"SIGTERM received: saved checkpoints/last.pt at iteration (\d+)", out + err)
+    assert saved and set(saved) == {str(stopped)}  # every rank that reports, the same iteration
+    rerun = subprocess.run(cmd(tmp_path / "run"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and f"at iteration {stopped}" in rerun.stdout + rerun.stderr
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(tmp_path / "ref"))
 
 
 def test_truncated_checkpoint_is_never_resumed_and_explicit_path_fails_in_one_line(tmp_path, reference):

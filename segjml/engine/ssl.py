@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from segjml.data.errors import DataError
+from segjml.engine.distributed import full_float32_matmuls
 from segjml.ssl import EMATeacher, SSLLoss, adaptive_cutmix, strong_intensity_augment
 from segjml.ssl.splits import labeled_indices, read_split_file, split_size, unlabeled_indices
 
@@ -198,7 +199,8 @@ def ssl_terms(
     image_s, label_s = labeled
     if not ssl.uses_unlabeled:
         out = forward(image_s)["out"]
-        total, terms = ssl.loss(out, label_s, out[:0], out[:0].detach())
+        with full_float32_matmuls():
+            total, terms = ssl.loss(out, label_s, out[:0], out[:0].detach())
         return {**terms, "total": total}
     probs = ssl.teacher.predict(image_u, autocast_dtype).softmax(1)
     strong = strong_intensity_augment(image_u, ssl.mean, ssl.std, generator, ssl.cfg.strong_ops)
@@ -208,6 +210,7 @@ def ssl_terms(
         strong, target, valid = mixed.images, mixed.probs, mixed.valid
     out = forward(torch.cat([image_s, strong]))["out"]
     b = image_s.shape[0]
-    total, terms = ssl.loss(out[:b], label_s, out[b:], target, valid)
+    with full_float32_matmuls():  # TF32 off for the loss sums (trainer.tf32)
+        total, terms = ssl.loss(out[:b], label_s, out[b:], target, valid)
     terms["u_kept"] = ssl.loss.unlabeled_keep(target, valid).float().mean()
     return {**terms, "total": total}

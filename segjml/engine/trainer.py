@@ -104,7 +104,7 @@ class Run:
     teacher_hash: str | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
+    scaler: torch.amp.GradScaler  # enabled with precision=fp16 only; a no-op otherwise
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
     metrics: SegmentationMetrics
@@ -224,7 +224,7 @@ def build_run(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run:
         log.info("distilling from teacher %s (sha256 %s)", cfg.teacher.checkpoint, teacher_hash[:12])
     optimizer = build_optimizer(model, build(cfg.optimizer), tcfg.head_lr_mult, tcfg.no_decay_1d)
     scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
-    scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
     ssl = None
     if cfg.get("ssl") is not None:  # the unlabeled stream shuffles with its own seed
@@ -279,7 +279,7 @@ def resume(run: Run) -> TrainState:
     load_model_state(run.model, state["model"], str(path))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler"):
+    if state.get("scaler"):  # {} (None before) when the scaler is off
         run.scaler.load_state_dict(state["scaler"])
     if run.ssl is not None and run.ssl.teacher is not None:
         if state.get("ema") is None:
@@ -310,7 +310,7 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
             "model": run.model.state_dict(),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "scaler": run.scaler.state_dict(),
             "iteration": state.iteration,
             "best_miou": state.best_miou,
             "skipped": state.skipped,
@@ -349,7 +349,7 @@ def _forward(run: Run, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], di
 
 
 def _backward(run: Run, loss: torch.Tensor) -> None:
-    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+    run.scaler.scale(loss).backward()
 
 
 def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> bool:
@@ -454,14 +454,12 @@ def train_step(
     if not ok:
         state.skipped["nonfinite"] += 1
         run.optimizer.zero_grad(set_to_none=True)
-    elif run.scaler is not None:
+    else:  # with the scaler off (fp32, bf16): optimizer.step(), and the scale stays 1.0
         scale = run.scaler.get_scale()
         run.scaler.step(run.optimizer)
         run.scaler.update()
         stepped = run.scaler.get_scale() >= scale  # the scale drops when a step was skipped
         state.skipped["amp"] += int(not stepped)
-    else:
-        run.optimizer.step()
     if stepped and run.ssl is not None:
         run.ssl.after_step(run.model)  # the EMA teacher follows the student (not over a skipped step)
     run.scheduler.step()

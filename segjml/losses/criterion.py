@@ -36,6 +36,7 @@ from segjml.labels.soft_labels import (
 from segjml.losses.cross_entropy import CrossEntropyLoss
 from segjml.losses.jaccard import JaccardMetricLoss
 from segjml.losses.lovasz import LovaszSoftmaxLoss
+from segjml.losses.validation import autocast_off, upcast
 
 BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
 KD_MIXES = ("authors", "label_aux")
@@ -220,6 +221,7 @@ class SegmentationCriterion(nn.Module):
             )
         return teacher[key]
 
+    @autocast_off
     def forward(
         self,
         outputs: Mapping[str, torch.Tensor],
@@ -232,7 +234,7 @@ class SegmentationCriterion(nn.Module):
         teacher_logits: when distilling, the teacher's outputs ``{"out": (B, C, h, w), "aux": (B, C, h, w)}``
             (``aux`` needed with :attr:`needs_teacher_aux`), or its main-head logits alone.
         """
-        main = outputs["out"]
+        main = upcast(outputs["out"])
         label = target
         if self.bls is not None:
             label = boundary_label_smoothing(target, self.num_classes, ignore_index=self.ignore_index, **self.bls)
@@ -250,19 +252,20 @@ class SegmentationCriterion(nn.Module):
                     "logits; use a model with an auxiliary head, or set loss.kd.mix=label_aux or loss.aux_weight=0"
                 )
             # the teacher's probabilities at temperature tau: computed once, shared by the CE / KL and JML terms
-            soft = distillation_targets(teacher["out"], target.shape[-2:], self.kd["temperature"])
+            soft = distillation_targets(upcast(teacher["out"]), target.shape[-2:], self.kd["temperature"])
             keep = target != self.ignore_index  # the teacher is only asked about pixels that have a label
             name = "kl_teacher" if authors else "ce_teacher"
             terms[name] = self._kl_teacher(main, soft, keep) if authors else self.ce(main, soft, keep)
             ce_main = self.kd["ce_label"] * ce_main + self.kd["ce_teacher"] * terms[name]
         ce_total = ce_main
         if has_aux:
-            terms["ce_aux"] = self.ce(outputs["aux"], label)
+            aux = upcast(outputs["aux"])
+            terms["ce_aux"] = self.ce(aux, label)
             ce_aux = terms["ce_aux"]
             if authors:
                 aux_logits = self._teacher_output(teacher, "aux")
-                soft_aux = distillation_targets(aux_logits, target.shape[-2:], self.kd["temperature"])
-                terms["kl_aux_teacher"] = self._kl_teacher(outputs["aux"], soft_aux, keep)
+                soft_aux = distillation_targets(upcast(aux_logits), target.shape[-2:], self.kd["temperature"])
+                terms["kl_aux_teacher"] = self._kl_teacher(aux, soft_aux, keep)
                 del soft_aux
                 ce_aux = self.kd["ce_label"] * ce_aux + self.kd["ce_teacher"] * terms["kl_aux_teacher"]
             ce_total = self.main_weight * ce_main + self.aux_weight * ce_aux

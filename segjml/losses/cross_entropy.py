@@ -10,7 +10,7 @@ from torch import nn
 from segjml.labels.soft_labels import label_smoothing
 from segjml.losses import _functional as Fn
 from segjml.losses._fused import fused_cross_entropy
-from segjml.losses.validation import check_target, upcast
+from segjml.losses.validation import autocast_off, check_target, upcast
 
 
 class CrossEntropyLoss(nn.Module):
@@ -37,6 +37,7 @@ class CrossEntropyLoss(nn.Module):
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
+    @autocast_off
     def forward(self, logits: torch.Tensor, target: Fn.Target, keep: torch.Tensor | None = None) -> torch.Tensor:
         keep = check_target(logits, target, self.ignore_index, keep)
         if self.label_smoothing and not Fn.is_soft(target):

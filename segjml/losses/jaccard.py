@@ -10,7 +10,7 @@ from torch import nn
 from segjml.labels.soft_labels import SmoothedLabels
 from segjml.losses import _functional as Fn
 from segjml.losses._fused import fused_statistics
-from segjml.losses.validation import check_target, upcast
+from segjml.losses.validation import autocast_off, check_target, upcast
 
 CLASS_WEIGHTS_MODES = ("scaled", "normalized")
 
@@ -86,6 +86,7 @@ class JaccardMetricLoss(nn.Module):
         weights = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
+    @autocast_off
     def forward(self, logits: torch.Tensor, target: Fn.Target, keep: torch.Tensor | None = None) -> torch.Tensor:
         keep = check_target(logits, target, self.ignore_index, keep)
         if self.class_weights is not None and self.class_weights.numel() != logits.shape[1]:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from segjml.losses import _functional as Fn
-from segjml.losses.validation import check_target, upcast
+from segjml.losses.validation import autocast_off, check_target, upcast
 
 
 class LovaszSoftmaxLoss(nn.Module):
@@ -24,6 +24,7 @@ class LovaszSoftmaxLoss(nn.Module):
             raise ValueError(f"Lovasz classes must be 'present' or 'all', got '{classes}'")
         self.ignore_index, self.classes = ignore_index, classes
 
+    @autocast_off
     def forward(self, logits: torch.Tensor, target: Fn.Target, keep: torch.Tensor | None = None) -> torch.Tensor:
         if Fn.is_soft(target):
             raise ValueError(

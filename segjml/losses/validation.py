@@ -1,6 +1,10 @@
-"""Cheap checks of loss inputs (whole-tensor reductions, no per-pixel Python)."""
+"""Cheap checks of loss inputs (whole-tensor reductions, no per-pixel Python), and the losses' float32 rule."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 
@@ -50,3 +54,31 @@ def check_target(logits: torch.Tensor, target, ignore_index: int, keep: torch.Te
 def upcast(logits: torch.Tensor) -> torch.Tensor:
     """Half-precision logits (AMP) are promoted to float32; float32 and float64 are kept as they are."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+Forward = TypeVar("Forward", bound=Callable)
+
+
+def autocast_off(forward: Forward) -> Forward:
+    """Run a loss module's ``forward(self, logits_or_outputs, ...)`` with autocast off on the logits' device.
+
+    Inside a user's ``torch.autocast`` region the matrix products of the loss sums (``bmm``, ``linalg_vecdot``,
+    ``einsum``; on CUDA also ``mv``, ``addr``) would run in half precision next to float32 ops (``dot``), which
+    fails or loses the sums' precision. With autocast off and the logits :func:`upcast` at the entry, the loss is the
+    float32 loss of the same logit values. Outside autocast this costs two flag checks. The backward pass runs in the
+    autocast state of the ``backward()`` call (torch's rule for every op): call it outside the region, as PyTorch
+    advises. Devices without autocast (``meta``) run the forward as it is.
+    """
+
+    @functools.wraps(forward)
+    def run(self, *args, **kwargs):
+        inputs: torch.Tensor | Mapping[str, torch.Tensor] = (
+            args[0] if args else kwargs.get("logits", kwargs.get("outputs"))
+        )
+        device = (inputs if torch.is_tensor(inputs) else inputs["out"]).device.type
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return forward(self, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]

@@ -54,5 +54,9 @@ class ImagePool(nn.Module):
         self.conv = ConvBNReLU(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        return self.conv(self.pool(x)).expand(-1, -1, *size)
+        pooled = self.conv(self.pool(x)).expand(-1, -1, *x.shape[-2:])
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # a broadcast view has no memory format: materialise it as channels_last, or the ASPP concatenation of
+            # the branches (and every layer after it) falls back to NCHW
+            return pooled.contiguous(memory_format=torch.channels_last)
+        return pooled

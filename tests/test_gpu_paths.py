@@ -1,0 +1,170 @@
+"""The GPU code paths a CPU can run: fp16 with a gradient scaler (skipped steps counted), bf16, channels_last,
+torch.compile, DDP with accumulation and compile, and a two-node torchrun on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from segjml.engine import distributed as D
+from segjml.engine import train
+from segjml.engine import trainer as T
+from segjml.engine.checkpoint import load_checkpoint
+from segjml.utils import build
+from tests.helpers import ROOT, compose_config, torchrun_train
+
+FAST = ["debug=fast", "trainer.max_iters=3"]
+
+
+def config(tmp_path, *extra):
+    cfg = compose_config([*FAST, *extra])
+    cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def built_run(tmp_path, *extra):
+    dist, device = D.init_distributed("cpu")
+    return T.build_run(config(tmp_path, *extra), dist, device)
+
+
+def test_fp16_with_a_gradient_scaler_counts_and_undoes_the_steps_it_skips(tmp_path):
+    run = built_run(tmp_path, "trainer.precision=fp16")
+    assert run.scaler.is_enabled() and run.autocast_dtype == torch.float16
+    state = T.TrainState()
+    data = T.batches(run.train_loader, 0)
+    weight = next(run.model.parameters())
+    overflow = weight.register_hook(lambda grad: grad * float("inf"))  # one step's gradients overflow
+    before = {k: v.clone() for k, v in run.model.state_dict().items() if v.is_floating_point() and "running" not in k}
+    scale = run.scaler.get_scale()
+    T.train_step(run, state, [next(data)])
+    overflow.remove()
+    assert state.skipped["amp"] == 1 and run.scaler.get_scale() == scale / 2  # skipped, and the scale halved
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in before.items())  # no update
+    T.train_step(run, state, [next(data)])
+    assert state.skipped["amp"] == 1 and state.iteration == 2
+    assert any(not torch.equal(run.model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_bf16_run_trains_with_finite_weights(tmp_path):
+    result = train(config(tmp_path, "trainer.precision=bf16"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert 0 <= result["miou"] <= 100 and state["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("model", ["dl3_r18", "dl3_mb2"])
+def test_channels_last_is_kept_by_every_layer_in_training_and_evaluation(model):
+    """The ASPP image-pool branch broadcast a 1x1 map, which has no memory format: the concatenation and every layer
+    after it fell back to NCHW."""
+    cfg = compose_config([f"model={model}", "pretrained=false"])
+    net = build(cfg.model).to(memory_format=torch.channels_last)
+    lost = []
+    for name, module in net.named_modules():
+        module.register_forward_hook(
+            lambda m, i, out, name=name: (
+                lost.append(name)
+                if isinstance(out, torch.Tensor)  # the encoder returns a list of feature maps, each hooked itself
+                and out.dim() == 4
+                and min(out.shape[1:]) > 1
+                and not out.is_contiguous(memory_format=torch.channels_last)
+                else None
+            )
+        )
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    net.train()(x.contiguous(memory_format=torch.channels_last))  # training: the loop converts its batches
+    with torch.no_grad():
+        net.eval()(x)  # evaluation: images as the loader gives them
+    assert lost == []
+
+
+def _metrics(log_dir):
+    return json.loads(next(log_dir.rglob("metrics.json")).read_text())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = train(config(tmp_path / "eager"))
+    compiled = train(config(tmp_path / "compiled", "trainer.compile=true"))
+    a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"]
+    # inductor fuses and reorders float32 reductions: 3 steps agree to float rounding, not bitwise
+    for key, value in a.items():
+        if value.is_floating_point():
+            assert torch.allclose(b[key], value, rtol=1e-3, atol=1e-4), key
+    assert compiled["acc"] == pytest.approx(eager["acc"], abs=1.0)
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_and_compile_matches_ddp_eager(tmp_path):
+    """Two gloo processes, two micro-batches per step (``no_sync`` on the first), the model compiled."""
+    common = ["debug=fast", "trainer.max_iters=3", "trainer.batch_size=1", "trainer.accumulate_steps=2"]
+    runs = {}
+    for mode, extra in (("eager", []), ("compiled", ["trainer.compile=true"])):
+        proc = subprocess.run(
+            torchrun_train(2, f"paths.log_dir={tmp_path / mode}", *common, *extra),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = load_checkpoint(next((tmp_path / mode).rglob("last.pt")))
+    assert runs["eager"]["iteration"] == runs["compiled"]["iteration"] == 3
+    for key, value in runs["eager"]["model"].items():
+        if value.is_floating_point():
+            assert torch.allclose(runs["compiled"]["model"][key], value, rtol=1e-3, atol=1e-4), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_on_one_machine_equals_one_node_with_two_processes(tmp_path):
+    """Two ``torchrun --nnodes=2 --node_rank=0/1`` processes meet at a localhost rendezvous (gloo)."""
+    args = ["debug=fast", "trainer.max_iters=4", "trainer.limit_val_samples=7", "trainer.val_batch_size=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float reductions in every process
+    single = subprocess.run(
+        torchrun_train(2, f"paths.log_dir={tmp_path / 'one'}", *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = torchrun_train(1)[0]
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                torchrun,
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "train.py",
+                f"paths.log_dir={tmp_path / 'two'}",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for key in ("acc", "miou", "miou_i", "miou_c", "ece", "sce"):
+        assert two[key] == one[key], key
