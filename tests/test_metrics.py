@@ -351,6 +351,39 @@ def test_ddp_two_processes_equal_one_process(on_rank):
             assert np.allclose(result[key], expected[key], equal_nan=True), key
 
 
+def _report_on_rank(rank, world):
+    """Each process updates with its own images, all compute(); only rank 0 writes the report, as the trainer does."""
+    import tempfile
+
+    from segjml.engine import inference
+
+    probs, target = sparse_batch(6, b=8)
+    m = SegmentationMetrics(6)
+    mine = slice(0, 3) if rank == 0 else slice(3, 8)
+    m.update(probs[mine], target[mine])
+    result = m.compute()
+    if rank != 0:
+        return None
+    drawn = []
+    inference.reliability_diagram = lambda bins, path, title="": drawn.append(bins)
+    with tempfile.TemporaryDirectory() as out:
+        inference.write_report(result, m, out)
+    return [{k: v.tolist() for k, v in bins.items()} for bins in (drawn[0], m.reliability(boundary=True))]
+
+
+def test_ddp_reliability_diagram_reads_the_histograms_of_all_processes():
+    # torchmetrics restores each process's own states after compute(); the report must still draw the summed ones.
+    drawn, boundary = run_on_ranks(_report_on_rank, world=2)[0]
+    probs, target = sparse_batch(6, b=8)
+    single = SegmentationMetrics(6)
+    single.update(probs[:3], target[:3])  # the same two partial sums, added in the same order: equal to the bit
+    single.update(probs[3:], target[3:])
+    single.compute()
+    assert drawn == {k: v.tolist() for k, v in single.reliability().items()}
+    assert boundary == {k: v.tolist() for k, v in single.reliability(boundary=True).items()}
+    assert sum(drawn["count"]) == int((target != 255).sum())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The pure functions of segjml.metrics.functional against independent computations
 

@@ -137,7 +137,10 @@ def write_report(
     class_names: Sequence[str] | None = None,
     title: str = "",
 ) -> None:
-    """Print the per-class table; write ``metrics.json`` and ``reliability.png`` to ``output_dir``."""
+    """Print the per-class table; write ``metrics.json`` and ``reliability.png`` to ``output_dir``.
+
+    ``result`` is ``metrics.compute()``; the diagram reads the histogram that call summed over all processes
+    (``SegmentationMetrics.reliability``), so under DDP one process alone may write the report."""
     names = list(class_names) if class_names is not None else [str(i) for i in range(metrics.num_classes)]
     print(format_table(result, names))
     write_json({**result, "class_names": names}, Path(output_dir) / "metrics.json")

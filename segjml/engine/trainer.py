@@ -185,9 +185,15 @@ def lock_run_dir(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run
     return lock
 
 
-def build_run(cfg: DictConfig, dist: D.DistInfo, device: torch.device) -> Run:
-    """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics."""
+def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.device | None = None) -> Run:
+    """Data, model (DDP, SyncBN, channels_last, compile), loss, teacher, optimizer, schedule, AMP scaler, metrics.
+
+    ``dist`` and ``device``: the process group and device :func:`train` joined (default: join them here).
+    """
     tcfg = cfg.trainer
+    check_trainer_config(tcfg)
+    if dist is None or device is None:
+        dist, device = D.init_distributed(tcfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     train_set, unlabeled_set, val_set = build_datasets(cfg)
     class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]

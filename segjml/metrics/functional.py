@@ -9,10 +9,14 @@ Groups. The histogram functions take an optional integer ``group`` per pixel and
 without ``group`` every pixel is counted and the leading dimension is left out. ``SegmentationMetrics`` groups pixels
 by ``boundary_regions`` (interior, boundary, ignored) and sums the groups with ``all_and_boundary``. With
 ``per_image=True`` they return one histogram per image (a further leading ``B`` dimension) from the same single
-``bincount`` (the image is part of the index).
+histogram call (the image is part of the index).
 
-Everything runs on the device of its inputs; there is no Python loop over pixels or classes (only over images, in
-``top_label_and_confident_histogram`` to bound memory and in the per-class totals of the SCE histogram).
+Everything runs on the device of its inputs; there is no Python loop over pixels or classes (only over images, in the
+per-class totals of the SCE histogram). No host syncs: a histogram is an ``index_add_`` into a fixed number of slots
+(``_bincount``; ``torch.bincount`` reads its input's minimum and maximum back to the host on CUDA), and uncounted
+entries go to spare slots instead of being dropped by boolean indexing. The one data-dependent size, the number of
+confident ``(pixel, class)`` pairs, is an argument (``num_pairs``) that the caller reads back together with whatever
+else it needs from the device (``SegmentationMetrics`` does, with its input checks); without it, ``nonzero`` reads it.
 """
 
 from __future__ import annotations
@@ -32,10 +36,20 @@ INTERIOR, BOUNDARY, IGNORED = 0, 1, 2
 # Confusion matrices and IoU
 
 
+def _bincount(idx: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.bincount(idx, weights, minlength=size)`` for ``idx`` in ``[0, size)``, without its host syncs: an
+    ``index_add_`` into ``size`` slots. Long counts, or float64 sums of ``weights``; summed in the order of ``idx``."""
+    if weights is None:
+        out, weights = torch.zeros(size, dtype=torch.long, device=idx.device), idx.new_ones((), dtype=torch.long)
+    else:
+        out, weights = torch.zeros(size, dtype=torch.float64, device=idx.device), weights.reshape(-1).double()
+    return out.index_add_(0, idx.reshape(-1), weights.expand(idx.numel()))
+
+
 def image_confusion_matrices(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One confusion matrix per image, by a single ``bincount``.
+    """One confusion matrix per image, by a single histogram (``_bincount``).
 
     Args:
         pred: ``(B, ...)`` predicted class ids in ``[0, C)``.
@@ -54,7 +68,7 @@ def image_confusion_matrices(
     idx = (target * c + pred).add_(offset)
     if valid is not None:  # uncounted pixels go to a spare slot after the last matrix
         idx = torch.where(valid.reshape(b, -1), idx, b * c * c)
-    return torch.bincount(idx.view(-1), minlength=b * c * c + 1)[: b * c * c].view(b, c, c)
+    return _bincount(idx, b * c * c + 1)[: b * c * c].view(b, c, c)
 
 
 def confusion_matrix(
@@ -232,62 +246,64 @@ def calibration_histogram(
         correct: ``(...)`` bool (or 0/1), whether the prediction equals the label.
         n_bins: equal-width bins over ``[0, 1]``.
         group, num_groups: see the module docstring.
-        per_image: one histogram per entry of the leading dimension of ``confidence`` (``B`` images), still by a
-            single ``bincount`` (the image is part of the index).
+        per_image: one histogram per entry of the leading dimension of ``confidence`` (``B`` images), still from
+            single histograms (the image is part of the index).
 
     Returns:
         ``(G, n_bins, 3)`` float64 (``(n_bins, 3)`` without ``group``): per bin ``(count, sum of confidence, number
         correct)``; with ``per_image`` a leading ``B`` dimension is added.
     """
     bins = calibration_bins(confidence, n_bins)
-    grp = _groups_like(group, bins)
-    if per_image:
-        b = bins.shape[0]
-        grp, slots = _image_slots(grp, num_groups)
-    else:
-        b, slots = 1, num_groups + 1  # groups beyond the spare one fall past `size` and are cut off
-    idx = (grp * n_bins).add_(bins).view(-1)
+    b = bins.shape[0] if per_image else 1
+    bins = bins.reshape(b, -1)
+    slot, slots = _image_slots(_groups_like(group, bins), num_groups)  # uncounted groups: a spare slot per image
+    idx = (slot * n_bins).add_(bins)
     size = slots * n_bins
     hist = torch.stack(
-        [
-            torch.bincount(idx, minlength=size)[:size].double(),
-            torch.bincount(idx, weights=confidence.reshape(-1).double(), minlength=size)[:size],
-            torch.bincount(idx, weights=correct.reshape(-1).double(), minlength=size)[:size],
-        ],
-        dim=-1,
+        [_bincount(idx, size).double(), _bincount(idx, size, confidence), _bincount(idx, size, correct)], dim=-1
     ).view(b, num_groups + 1, n_bins, 3)[:, :num_groups]
     hist = hist if per_image else hist[0]
     return hist if group is not None else hist.select(-3, 0)
 
 
-def _nonzero_sparse(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the True entries of a sparse bool tensor: scan it as int64 words first (8x fewer elements),
-    then look only inside the words that hold a True. Same result as ``mask.reshape(-1).nonzero()``."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    hit = words.nonzero().squeeze(1)
-    row, col = words[hit].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
-    return hit[row] * 8 + col
+def confident_mask(probs: torch.Tensor, confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """The ``(pixel, class)`` pairs that ``top_label_and_confident_histogram`` visits: ``p_k >= min(confidence,
+    1 / n_bins)`` (float32 arithmetic, as the bins), so that every pixel's top class is one of them even when its
+    confidence is below ``1 / n_bins``.
+
+    ``probs`` ``(B, C, ...)``, ``confidence`` ``(B, ...)``; returns a ``(B, C, N)`` bool mask (``torch.count_nonzero``
+    of it is the ``num_pairs`` of ``top_label_and_confident_histogram``)."""
+    b, c = probs.shape[:2]
+    return probs.reshape(b, c, -1) >= confidence.reshape(b, 1, -1).clamp(max=1.0 / n_bins)
 
 
-def confident_pairs(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every ``(class, pixel)`` entry of ``probs`` ``(C, N)`` with ``p >= threshold``, in class-major order.
+def confident_pairs(
+    probs: torch.Tensor, threshold: float | torch.Tensor, size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every entry of ``probs`` ``(C, N)`` (or a batch ``(B, C, N)``) with ``p >= threshold``, in row-major order.
+
+    Args:
+        probs: ``(C, N)`` or ``(B, C, N)``.
+        threshold: a float, or a tensor broadcastable to ``probs`` (``(B, 1, N)``: one per pixel).
+        size: the number of such entries, if known: they are then found by ``nonzero_static``, which does not read the
+            count back to the host as ``nonzero`` does on CUDA.
 
     Returns:
-        ``(cls, pix, p)``: three ``(P,)`` tensors (long, long, dtype of ``probs``). A pixel whose probabilities sum
-        to 1 has at most ``1 / threshold`` such entries.
+        ``(row, pix, p)``: three ``(P,)`` tensors (long, long, dtype of ``probs``); ``row`` is the class of a
+        ``(C, N)`` input and ``b * C + k`` (image ``b``, class ``k``) for a batch. A pixel whose probabilities sum to
+        1 has at most ``1 / threshold`` such entries.
     """
-    c, n = probs.shape
-    mask = probs >= threshold
-    if c * threshold > 4:  # at most 1 / threshold pairs per pixel among c classes: sparse
-        flat = _nonzero_sparse(mask)
-        cls = flat // n
-        return cls, flat - cls * n, probs.view(-1)[flat]
-    cls, pix = mask.nonzero(as_tuple=True)
-    return cls, pix, probs[cls, pix]
+    return _pairs_of_mask(probs, probs >= threshold, size)
+
+
+def _pairs_of_mask(
+    probs: torch.Tensor, mask: torch.Tensor, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``confident_pairs`` of a mask shaped like ``probs``."""
+    mask = mask.reshape(-1)
+    flat = (mask.nonzero() if size is None else torch.nonzero_static(mask, size=size)).squeeze(1)
+    row, p = flat // probs.shape[-1], probs.reshape(-1).take(flat)
+    return row, flat.sub_(row * probs.shape[-1]), p
 
 
 def top_label_from_pairs(
@@ -299,21 +315,6 @@ def top_label_from_pairs(
     n = confidence.shape[0]
     top = torch.where(p == confidence[pix], pix, n)  # other pairs go to a spare slot
     return torch.zeros(n + 1, dtype=torch.long, device=confidence.device).scatter_(0, top, cls)[:n]
-
-
-def pair_histogram(
-    cls: torch.Tensor, p: torch.Tensor, pair_group: torch.Tensor, num_classes: int, n_bins: int, num_groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, class and bin of ``p``: number of pairs and sum of ``p``, each ``(G, C, n_bins)`` float64.
-
-    ``cls``, ``p`` and ``pair_group`` are ``(P,)`` (class, probability, group of the pair's pixel).
-    """
-    c, nb = num_classes, n_bins
-    idx = (pair_group.to(torch.int32) * c + cls) * nb + calibration_bins(p, nb)
-    size, keep = (num_groups + 1) * c * nb, num_groups * c * nb
-    count = torch.bincount(idx, minlength=size)[:keep].double().view(num_groups, c, nb)
-    p_sum = torch.bincount(idx, weights=p.double(), minlength=size)[:keep].view(num_groups, c, nb)
-    return count, p_sum
 
 
 class TopLabelScan(NamedTuple):
@@ -331,12 +332,14 @@ def top_label_and_confident_histogram(
     group: torch.Tensor | None = None,
     num_groups: int = 1,
     per_image: bool = False,
+    mask: torch.Tensor | None = None,
+    num_pairs: int | None = None,
 ) -> TopLabelScan:
-    """One pass, image by image, over the ``(pixel, class)`` pairs with ``p_k >= 1 / n_bins``.
+    """One pass, over all images at once, over the ``(pixel, class)`` pairs with ``p_k >= min(confidence, 1 / n_bins)``.
 
-    Every pixel has at most ``n_bins`` such pairs, and they hold its predicted class whenever its confidence is
-    ``>= 1 / n_bins`` (always when ``C <= n_bins``): the pass yields the prediction (the few other pixels take a
-    direct argmax) and the part of the static-calibration histogram above the first bin of each class.
+    Every pixel has at most ``n_bins`` pairs with ``p_k >= 1 / n_bins`` (or only its top class when its confidence is
+    lower), and they hold its predicted class: the pass yields the prediction and the part of the static-calibration
+    histogram above the first bin of each class (from the pairs with ``p_k >= 1 / n_bins``).
 
     Args:
         probs: ``(B, C, ...)`` probabilities summing to 1 over dim 1.
@@ -344,23 +347,27 @@ def top_label_and_confident_histogram(
         n_bins: calibration bins.
         group, num_groups: see the module docstring (the histograms always have the leading ``G`` dimension).
         per_image: keep one histogram per image (leading ``B`` dimension) instead of their sum.
+        mask: ``confident_mask(probs, confidence, n_bins)``, if at hand.
+        num_pairs: the number of True entries of that mask, read on the host, if at hand: then nothing here waits for
+            the device.
     """
     b, c = probs.shape[:2]
     flat = probs.reshape(b, c, -1)
-    n, nb = flat.shape[-1], n_bins
-    conf = confidence.reshape(b, n)
-    grp = torch.zeros(b, n, dtype=torch.int32, device=probs.device) if group is None else group.reshape(b, n)
-    pred = torch.empty(b, n, dtype=torch.long, device=probs.device)
-    count = torch.zeros(b, num_groups, c, nb, dtype=torch.float64, device=probs.device)
-    p_sum = torch.zeros_like(count)
-    for i in range(b):
-        cls, pix, p = confident_pairs(flat[i], 1.0 / nb)
-        pred[i] = top_label_from_pairs(cls, pix, p, conf[i])
-        count[i], p_sum[i] = pair_histogram(cls, p, grp[i][pix], c, nb, num_groups)
-    low = conf < 1.0 / nb  # possible only when C > n_bins: take the argmax of those few pixels directly
-    if c > nb and low.any():
-        bi, pi = low.nonzero(as_tuple=True)
-        pred[bi, pi] = flat[bi, :, pi].argmax(1)
+    n, nb, g = flat.shape[-1], n_bins, num_groups
+    conf = confidence.reshape(b * n)
+    grp = torch.zeros(b * n, dtype=torch.int32, device=probs.device) if group is None else group.reshape(b * n)
+    mask = confident_mask(flat, confidence, nb) if mask is None else mask
+    # (In place where possible: on the CPU, allocating each (P,) temporary costs as much as the arithmetic.)
+    row, pix, p = _pairs_of_mask(flat, mask, num_pairs)  # row: image * C + class
+    cls = row % c
+    pix = (row // c).mul_(n).add_(pix)  # pixel among all B * N
+    pred = top_label_from_pairs(cls, pix, p, conf).view(b, n)
+    # pairs below 1 / n_bins (a low-confidence pixel's top class) and uncounted groups go to a spare group slot
+    pair_group = torch.where(p >= 1.0 / nb, grp.clamp(max=g).take(pix), g)
+    key = row.mul_(g + 1).add_(pair_group).mul_(nb).add_(calibration_bins(p, nb))  # (image, class, group, bin)
+    size = b * c * (g + 1) * nb
+    count = _bincount(key, size).double().view(b, c, g + 1, nb).transpose(1, 2)[:, :g]
+    p_sum = _bincount(key, size, p).view(b, c, g + 1, nb).transpose(1, 2)[:, :g]
     return TopLabelScan(pred, count, p_sum) if per_image else TopLabelScan(pred, count.sum(0), p_sum.sum(0))
 
 
@@ -399,7 +406,7 @@ def class_calibration_histogram(
         group, num_groups: see the module docstring.
         confident: ``(count, p_sum)`` of ``top_label_and_confident_histogram`` for the same inputs and the same
             ``per_image``, to reuse that pass; computed here when ``None``.
-        per_image: one histogram per image (leading ``B`` dimension), still by a single ``bincount``.
+        per_image: one histogram per image (leading ``B`` dimension), still from single histograms.
 
     Returns:
         ``(G, C, n_bins, 3)`` float64 (``(C, n_bins, 3)`` without ``group``): per class and bin of ``p_k``
@@ -418,7 +425,7 @@ def class_calibration_histogram(
     slot, slots = _image_slots(grp, g)  # image and group of every pixel, uncounted pixels in a spare slot
     idx = ((slot * c).add_(label) * nb).add_(calibration_bins(p_label, nb)).view(-1)
     size = slots * c * nb
-    labelled = torch.bincount(idx, minlength=size).double().view(b, g + 1, c, nb)[:, :g]  # bin 0 included
+    labelled = _bincount(idx, size).double().view(b, g + 1, c, nb)[:, :g]  # bin 0 included
     masks = torch.stack([grp == j for j in range(g)], dim=-1).to(flat.dtype)  # (B, N, G)
     p_total = _group_totals(flat, masks)  # (B, G, C)
     n_pix = masks.sum(1).double()  # (B, G)

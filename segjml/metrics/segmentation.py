@@ -23,9 +23,14 @@ The computations are the pure functions of ``segjml.metrics.functional``; this m
 few floats per image. State: counts and sums, O(C^2 + C * n_bins), synchronised by torchmetrics with
 ``dist_reduce_fx="sum"``, and ``image_scores`` (5 floats per image, for the worst-case and the ^I averages),
 gathered with ``dist_reduce_fx="cat"``. The per-image histograms of ECE^I / SCE^I come out of the same single
-``bincount`` calls as the data-set ones (the image is part of the index). The SCE histogram only visits the (pixel,
+histogram calls as the data-set ones (the image is part of the index). The SCE histogram only visits the (pixel,
 class) pairs with ``p_k >= 1 / n_bins`` (at most ``n_bins`` per pixel); the first bin of every class follows from
 the per-class totals.
+
+Host syncs: ``update`` reads from the device once, whatever the batch size: the input checks and the number of those
+pairs come back together in one small tensor (the checks must raise in ``update``, before any state changes). All
+else is tensor ops of known shapes; the data-dependent work (dropping images without a counted pixel, the means over
+present classes, the worst-case sorts) is in ``compute``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from segjml.metrics.functional import (
     calibration_histogram,
     class_calibration_histogram,
     class_mean,
+    confident_mask,
     dice_from_confusion,
     expected_calibration_error,
     image_confusion_matrices,
@@ -87,8 +93,12 @@ class SegmentationMetrics(Metric):
     State: ``confmat`` (C, C) long; ``class_score_sum`` (3, C) float64 (Acc, IoU, Dice summed over the images where
     the class is active) and ``class_image_count`` (C,) long; ``top_hist`` (2, n_bins, 3) and ``class_hist`` (2, C,
     n_bins, 3) float64, first index ``[all non-ignored pixels, boundary pixels]``: all summed across processes.
-    ``image_scores``: list of flat float64 tensors, 5 values per image with a counted pixel (``IMAGE_COLUMNS``: its
-    mean Acc, IoU, Dice over its active classes, its ECE and SCE), concatenated across processes.
+    ``image_scores``: list of flat float64 tensors, 5 values per image (``IMAGE_COLUMNS``: its mean Acc, IoU, Dice
+    over its active classes, its ECE and SCE; NaN for an image without a counted pixel, left out by ``compute``),
+    concatenated across processes.
+
+    Under DDP, ``compute()`` sums / gathers the states over the processes and torchmetrics then restores each
+    process's own; ``reliability()`` reads the summed histogram that the last ``compute()`` used.
     """
 
     full_state_update = False
@@ -117,9 +127,11 @@ class SegmentationMetrics(Metric):
         self.add_state("top_hist", torch.zeros(2, n_bins, 3, dtype=torch.float64), dist_reduce_fx="sum")
         # static calibration: [region, class, bin, (count, sum p_k, count label == k)]
         self.add_state("class_hist", torch.zeros(2, c, n_bins, 3, dtype=torch.float64), dist_reduce_fx="sum")
-        # per image with a counted pixel: the IMAGE_COLUMNS, flattened (one float64 tensor per update)
+        # per image: the IMAGE_COLUMNS (NaN without a counted pixel), flattened (one float64 tensor per update)
         self.add_state("image_scores", [], dist_reduce_fx="cat")
         self._seed_image_scores()
+        # top_hist as the last compute() saw it (summed over the processes), and the update count it belongs to
+        self._computed_top_hist: tuple[int, torch.Tensor] | None = None
 
     def _seed_image_scores(self) -> None:
         # A process without any update would otherwise send torchmetrics' empty placeholder of the default float
@@ -130,39 +142,50 @@ class SegmentationMetrics(Metric):
         super().reset()
         self._seed_image_scores()
 
-    def _check(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+    def _check_shapes(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         if probs.ndim != 4 or probs.shape[1] != self.num_classes:
             raise ValueError(f"probs must be (B, {self.num_classes}, H, W), got {tuple(probs.shape)}")
         if tuple(target.shape) != (probs.shape[0], *probs.shape[2:]):
             raise ValueError(f"target shape {tuple(target.shape)} does not match probs {tuple(probs.shape)}")
         if target.is_floating_point():
             raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
+
+    def _check_values(self, probs: torch.Tensor, target: torch.Tensor, num_pairs: torch.Tensor) -> int:
+        """Raise on bad labels or probabilities; return ``num_pairs`` as an int. The update's one host read."""
         valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= self.num_classes))
-        if bad.any():
-            raise ValueError(
-                f"target holds class id {int(target[bad][0])} outside [0, {self.num_classes}) "
-                f"that is not ignore_index={self.ignore_index}"
-            )
+        bad = (valid & ((target < 0) | (target >= self.num_classes))).reshape(-1)
+        first_bad = target.reshape(-1).gather(0, bad.int().argmax().view(1))[0]
         b, c = probs.shape[:2]
         # per-pixel sums as one batched matrix product (much faster than a strided reduction over dim 1)
         total = torch.bmm(probs.new_ones(b, 1, c), probs.reshape(b, c, -1))
-        if probs.amin() < 0 or (total - 1).abs().amax() > self.tolerance:
+        values = [bad.any(), first_bad, probs.amin(), (total - 1).abs().amax(), num_pairs]
+        any_bad, bad_id, low, deviation, pairs = torch.stack([v.double() for v in values]).tolist()
+        if any_bad:
+            raise ValueError(
+                f"target holds class id {int(bad_id)} outside [0, {self.num_classes}) "
+                f"that is not ignore_index={self.ignore_index}"
+            )
+        if not (low >= 0 and deviation <= self.tolerance):  # NaN fails too
             raise ValueError(
                 "probs are not a distribution over classes (negative, or not summing to 1 over dim 1): "
                 "pass softmax(logits, dim=1)"
             )
+        return int(pairs)
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        self._check(probs, target)
+        self._check_shapes(probs, target)
         probs = probs.float().contiguous()
         c, nb = self.num_classes, self.n_bins
+        conf = probs.amax(1)
+        mask = confident_mask(probs, conf, nb)
+        num_pairs = self._check_values(probs, target, torch.count_nonzero(mask))
         valid = target != self.ignore_index
         # 0 interior, 1 boundary, 2 ignored: histograms keep groups 0 and 1 and drop the ignored pixels
         region = boundary_regions(target, self.boundary_kernel, self.ignore_index)
-        conf = probs.amax(1)
-        pred, *confident = top_label_and_confident_histogram(probs, conf, nb, region, num_groups=2, per_image=True)
+        pred, *confident = top_label_and_confident_histogram(
+            probs, conf, nb, region, num_groups=2, per_image=True, mask=mask, num_pairs=num_pairs
+        )
 
         image_confmats = image_confusion_matrices(pred, target, c, valid)
         self.confmat += image_confmats.sum(0)
@@ -178,12 +201,17 @@ class SegmentationMetrics(Metric):
         self.class_hist += all_and_boundary(cls.sum(0))
         ece = expected_calibration_error(top.sum(1))
         sce = static_calibration_error(cls.sum(1), classes=stats.active)
-        scores = torch.cat([stats.scores, ece[:, None], sce[:, None]], dim=1)[stats.kept]
-        self.image_scores.append(scores.reshape(-1))
+        scores = torch.cat([stats.scores, ece[:, None], sce[:, None]], dim=1)
+        # an image without a counted pixel: a NaN row, left out by compute() (not here: boolean indexing syncs)
+        self.image_scores.append(torch.where(stats.kept[:, None], scores, torch.nan).reshape(-1))
 
     def compute(self) -> dict:
+        # torchmetrics syncs the states for compute() and restores this process's own afterwards: keep the synced
+        # histogram for reliability()
+        self._computed_top_hist = (self.update_count, self.top_hist.clone())
         iou = iou_from_confusion(self.confmat)
         images = dim_zero_cat(self.image_scores).view(-1, len(IMAGE_COLUMNS))
+        images = images[~images[:, 0].isnan()]  # images without a counted pixel
         if images.shape[0]:
             image_mean = images.mean(0)
         else:
@@ -219,8 +247,13 @@ class SegmentationMetrics(Metric):
         }
 
     def reliability(self, boundary: bool = False) -> dict[str, torch.Tensor]:
-        """Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the top-label histogram (for diagrams)."""
-        return reliability_from_histogram(self.top_hist[int(boundary)])
+        """Per-bin ``count``, mean ``confidence`` and ``accuracy`` of the top-label histogram (for diagrams).
+
+        The histogram of the last ``compute()``: under DDP, summed over all processes (no collective call here, so
+        one process alone may ask). Without a ``compute()`` since the last update: this process's own histogram."""
+        count, hist = self._computed_top_hist or (None, None)
+        hist = hist if count == self.update_count else self.top_hist
+        return reliability_from_histogram(hist[int(boundary)])
 
 
 def _pct(value: torch.Tensor) -> float:
