@@ -162,8 +162,12 @@ def assert_same(compiled, eager):
 
 @pytest.mark.parametrize(
     "loss, autocast",
-    [("ce_jml", None), ("ce_jml_bls", None), ("ce_jml_kd", None), ("ce_jml_bls", torch.bfloat16)],
-    ids=("hard", "bls", "kd", "bls_in_bf16_autocast"),
+    [
+        pytest.param("ce_jml", None, id="hard", marks=pytest.mark.slow),
+        pytest.param("ce_jml_bls", None, id="bls"),  # make test: this case; make test-slow: the others
+        pytest.param("ce_jml_kd", None, id="kd", marks=pytest.mark.slow),
+        pytest.param("ce_jml_bls", torch.bfloat16, id="bls_in_bf16_autocast", marks=pytest.mark.slow),
+    ],
 )
 def test_compiled_criterion_gives_the_eager_loss_and_gradient(loss, autocast):
     """``aot_eager`` traces what inductor traces (dynamo, AOTAutograd through the fused autograd Functions and their

@@ -103,6 +103,7 @@ def _ddp_run_on_rank(rank, world):
     return weights, mask, state.iteration, float(terms["total"])
 
 
+@pytest.mark.slow
 def test_under_ddp_ranks_share_weights_and_resume_but_draw_their_own_masks_and_train_without_the_aux_loss(
     tmp_path, monkeypatch
 ):

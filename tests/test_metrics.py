@@ -371,6 +371,7 @@ def _report_on_rank(rank, world):
     return [{k: v.tolist() for k, v in bins.items()} for bins in (drawn[0], m.reliability(boundary=True))]
 
 
+@pytest.mark.slow
 def test_ddp_reliability_diagram_reads_the_histograms_of_all_processes():
     # torchmetrics restores each process's own states after compute(); the report must still draw the summed ones.
     drawn, boundary = run_on_ranks(_report_on_rank, world=2)[0]

@@ -111,6 +111,7 @@ def test_sweep_commands_were_found():
     assert any("hydra/launcher=submitit_slurm" in c for c in commands)
 
 
+@pytest.mark.slow  # each launches two jobs; make test launches the demo sweep below
 @pytest.mark.parametrize("command", sweep_commands(), ids=lambda c: re.sub(r"\s+#.*$", "", c))
 def test_documented_sweep_runs_with_submitit_local(command, tmp_path):
     args, jobs = tiny_sweep(command, tmp_path)
@@ -141,6 +142,7 @@ def test_demo_sweep_with_submitit_local_writes_both_runs(tmp_path):
     assert len(list(tmp_path.rglob("metrics.json"))) == 2
 
 
+@pytest.mark.slow
 def test_sweep_job_directory_spells_booleans_as_the_single_run_does(tmp_path):
     """Hydra's sweeper hands a job ``pretrained=False``; its directory is the one of ``pretrained=false`` typed
     without ``-m`` (the basic launcher: the sweep directories do not depend on the launcher)."""

@@ -106,7 +106,9 @@ def assert_refused(proc, path, key):
     assert lines[0].startswith(f"error: checkpoint {path} is refused: its config sets {key}"), lines[0]
 
 
-@pytest.mark.parametrize("case", sorted(FORGED))
+@pytest.mark.parametrize(
+    "case", [c if c == "write_file" else pytest.param(c, marks=pytest.mark.slow) for c in sorted(FORGED)]
+)  # make test: one case, make test-slow: every case
 def test_eval_refuses_a_stored_config_that_would_run_code(case, honest, tmp_path):
     edit, key = FORGED[case]
     path = forge(honest, tmp_path / "forged.pt", edit)
@@ -115,7 +117,7 @@ def test_eval_refuses_a_stored_config_that_would_run_code(case, honest, tmp_path
     assert not (tmp_path / "pwned.npz").exists()
 
 
-@pytest.mark.parametrize("case", ["write_file", "dataset_target"])
+@pytest.mark.parametrize("case", ["write_file", pytest.param("dataset_target", marks=pytest.mark.slow)])
 def test_predict_refuses_a_stored_config_that_would_run_code(case, honest, tmp_path):
     edit, key = FORGED[case]
     path = forge(honest, tmp_path / "forged.pt", edit)

@@ -133,6 +133,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_dataloader_worker_killed_by_sigkill_ends_in_one_line_after_saving(tmp_path):
     """The out-of-memory killer sends SIGKILL to a worker: the run saves at the next boundary and says what to do."""
     cmd = [
@@ -281,6 +282,7 @@ def _lock_on_rank(rank, world):
     return taken, holder == os.getpid(), refused
 
 
+@pytest.mark.slow
 def test_under_ddp_only_rank_0_takes_the_lock_and_every_rank_stops_if_it_cannot(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCK_TEST_DIR", str(tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -130,7 +130,7 @@ STOPS = {"SIGTERM": 0, "SIGINT": 130, "SIGUSR1": 0, "SIGUSR2": 0}  # the exit co
 
 
 @pytest.mark.parametrize(
-    "name", ["SIGTERM", "SIGINT", *(pytest.param(n, marks=pytest.mark.slow) for n in ("SIGUSR1", "SIGUSR2"))]
+    "name", ["SIGINT", *(pytest.param(n, marks=pytest.mark.slow) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2"))]
 )
 def test_a_stop_signal_to_the_process_group_saves_last_and_the_rerun_ends_bitwise_equal(tmp_path, reference, name):
     """A cluster (scancel, preemption, timeout, docker stop) and Ctrl-C signal every process of the job, DataLoader
