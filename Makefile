@@ -39,6 +39,9 @@ bench: $(STAMP) ## Run the benchmarks (losses, metrics)
 	$(PY) -m segjml.bench losses
 	$(PY) -m segjml.bench metrics
 
+gpu-check: $(STAMP) ## On a CUDA machine: the cuda tests, then the speed card (bench train, losses), < 8 min; else one line
+	$(PY) -m segjml.gpu_check
+
 TABLES ?= all
 LAUNCHER ?= local
 ARGS ?=
@@ -58,4 +61,4 @@ tables: $(STAMP) ## Rebuild the tables from the finished runs (TABLES=...)
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-slow lint models bench reproduce reproduce-smoke claims tables clean
+.PHONY: help install demo test test-slow lint models bench gpu-check reproduce reproduce-smoke claims tables clean

@@ -201,6 +201,29 @@ def test_ema_refuses_a_wrapped_student_and_a_mismatched_one():
         EMATeacher(TinyNet(), decay=1.5)
 
 
+def test_ema_fused_update_equals_the_per_tensor_formula():
+    """The foreach update against ``t <- d t + (1 - d) s`` written tensor by tensor, in float64 (BatchNorm's running
+    statistics included, its batch counter copied), over a warm-up schedule and a student that changes each step."""
+    torch.manual_seed(0)
+    student = TinyNet().double().train()
+    teacher = EMATeacher(student, decay=0.9, warmup=True)
+    teacher.model.double()  # float64 on both sides: the two formulas then agree to 1e-12
+    expected = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for step in range(4):
+        optimizer.zero_grad()
+        student(torch.randn(2, 3, 6, 6, generator=gen(step), dtype=torch.float64))["out"].square().mean().backward()
+        optimizer.step()  # new weights, and new BatchNorm running statistics from the forward pass
+        d = teacher.current_decay()
+        for name, s in student.state_dict().items():
+            expected[name] = d * expected[name] + (1 - d) * s if s.is_floating_point() else s.clone()
+        teacher.update(student)
+    assert teacher.num_updates == 4 and int(teacher.model.bn.num_batches_tracked) == 4
+    for name, value in teacher.model.state_dict().items():
+        assert value.dtype == expected[name].dtype, name
+        torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
 # -- splits -----------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""``python -m segjml.bench {losses,metrics,data,trainer} [options]``."""
+"""``python -m segjml.bench {losses,metrics,data,trainer,train} [options]``."""
 
 import sys
 
@@ -9,6 +9,7 @@ def main() -> None:
         "metrics": "segjml.bench.metrics",
         "data": "segjml.bench.data",
         "trainer": "segjml.bench.trainer",
+        "train": "segjml.bench.train",
     }
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f"usage: python -m segjml.bench {{{','.join(commands)}}} [options]  (--help for each)", file=sys.stderr)

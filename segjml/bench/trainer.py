@@ -6,7 +6,8 @@ model, data, loss, optimiser and schedule, in the same run.
 The default is the demo (synthetic data, small UNet, CE + JML). The trainer's time per iteration comes from its own
 log (``iter_time``: wall time between log points, so logging and progress-bar costs are included); evaluation and
 checkpoints are pushed past the end of the measured run. The bare loop runs before and after the trainer and the
-ratio is against the mean of the two.
+ratio is against the mean of the two. Both loops run on the trainer's device (``trainer.device``: a GPU if there is
+one), with its precision and GPU settings.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from segjml.bench.common import sync
 from segjml.config import compose
 from segjml.data import build_dataset, build_loader
+from segjml.engine import distributed as D
 from segjml.engine import train
 from segjml.engine.optim import build_optimizer
-from segjml.engine.trainer import batches, seed_everything
+from segjml.engine.trainer import PRECISIONS, batches, seed_everything
 from segjml.utils import build
 
 
@@ -32,22 +35,37 @@ def bare_loop(cfg, iters: int, warmup: int) -> float:
     """Seconds per iteration of the plainest loop over the same components."""
     seed_everything(cfg.seed)
     t = cfg.trainer
-    loader = build_loader(build_dataset(cfg.dataset, "train"), t.batch_size, True, t.num_workers, cfg.seed)
-    model = build(cfg.model)
-    criterion = build(cfg.loss)
+    device = D.resolve_device(t.device)  # where train(cfg) runs: the bare loop must not stay on the CPU
+    D.set_backend_policy(device, t.cudnn_benchmark, t.tf32, t.deterministic)
+    pin = device.type == "cuda"
+    loader = build_loader(build_dataset(cfg.dataset, "train"), t.batch_size, True, t.num_workers, cfg.seed, 0, 1, pin)
+    model = build(cfg.model).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build(cfg.loss).to(device)
     optimizer = build_optimizer(model, build(cfg.optimizer), t.head_lr_mult, t.no_decay_1d)
     scheduler = build(cfg.scheduler)(optimizer, max_iters=t.max_iters)
+    dtype = PRECISIONS[t.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     model.train()
     data = batches(loader, 0)
     for i in range(warmup + iters):
         if i == warmup:
+            sync(device)
             start = time.perf_counter()
         image, target = next(data)
-        loss = criterion(model(image), target)["total"]
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if t.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model(image)
+        loss = criterion({k: v.float() for k, v in outputs.items()}, target)["total"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
+    sync(device)
     return (time.perf_counter() - start) / iters
 
 
@@ -79,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         lines = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
         ours = [line["iter_time"] for line in lines if "iter_time" in line and line["step"] > args.warmup]
     mean_ours = statistics.fmean(ours)
-    print(f"threads={torch.get_num_threads()} iters={args.iters} (after {args.warmup} warm-up) overrides={overrides}")
+    device = D.resolve_device(cfg.trainer.device)
+    print(
+        f"device={device} threads={torch.get_num_threads()} iters={args.iters} (after {args.warmup} warm-up) "
+        f"overrides={overrides}"
+    )
     print(f"{'loop':<22} {'s/iter':>8} {'ratio':>7}")
     print(f"{'bare PyTorch (before)':<22} {bare_before:8.4f} {bare_before / bare:7.3f}")
     print(f"{'bare PyTorch (after)':<22} {bare_after:8.4f} {bare_after / bare:7.3f}")
