@@ -108,28 +108,60 @@ def test_a_compiled_training_step_matches_eager(tmp_path):
             assert torch.allclose(compiled_weights[key], value, rtol=1e-3, atol=1e-3), key
 
 
+DDP_STEPS = """
+import sys
+
+import torch
+
+from segjml.engine import trainer as T
+from tests.helpers import compose_config
+
+out, *overrides = sys.argv[1:]
+cfg = compose_config(overrides)
+cfg.paths.output_dir = out
+run = T.build_run(cfg)
+for module in run.model.modules():
+    if isinstance(module, torch.nn.Dropout2d):
+        module.p = 0.0  # inductor draws its masks from its own generator: off, the two runs can be compared
+state, data = T.TrainState(), T.batches(run.train_loader, 0)
+micro, _ = T.next_batch(run, data, None)
+T.train_step(run, state, micro)
+if run.dist.is_main:
+    torch.save(run.model.state_dict(), out + "/weights.pt")
+"""
+
+
 @pytest.mark.slow
 def test_ddp_with_accumulation_and_compile_matches_ddp_eager(tmp_path):
-    """Two gloo processes, two micro-batches per step (``no_sync`` on the first), the model compiled."""
-    common = ["debug=fast", "trainer.max_iters=3", "trainer.batch_size=1", "trainer.accumulate_steps=2"]
-    runs = {}
+    """Two gloo processes, two micro-batches per step (``no_sync`` on the first), the model compiled: one step
+    (dropout off) gives the weights of the same step in eager mode.
+
+    Two images per micro-batch: with one, BatchNorm normalises the 2x2 maps of the last stage over 4 values and the
+    gradients become so ill-conditioned that float reordering alone moves them by 1e-2 after a step (seen).
+    """
+    script = tmp_path / "steps.py"
+    script.write_text(DDP_STEPS)
+    common = ["debug=fast", "trainer.batch_size=2", "trainer.accumulate_steps=2"]
+    torchrun = torchrun_train(2)[:-1]  # torchrun --standalone --nproc_per_node=2, without train.py
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    weights = {}
     for mode, extra in (("eager", []), ("compiled", ["trainer.compile=true"])):
+        out = tmp_path / mode
+        out.mkdir()
         proc = subprocess.run(
-            torchrun_train(2, f"paths.log_dir={tmp_path / mode}", *common, *extra),
+            [*torchrun, str(script), str(out), *common, *extra],
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=900,
+            env=env,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = load_checkpoint(next((tmp_path / mode).rglob("last.pt")))
-    assert runs["eager"]["iteration"] == runs["compiled"]["iteration"] == 3
-    # inductor draws the dropout masks from its own generator: the runs train the same model on the same batches
-    # but not with the same masks, so they agree only roughly after 3 steps
-    for key, value in runs["eager"]["model"].items():
+        weights[mode] = torch.load(out / "weights.pt", weights_only=True)
+    # the same tolerance as one compiled step in one process (inductor reorders the float32 gradient sums)
+    for key, value in weights["eager"].items():
         if value.is_floating_point():
-            assert torch.isfinite(runs["compiled"]["model"][key]).all(), key
-            assert (runs["compiled"]["model"][key] - value).abs().max() < 0.05, key
+            assert torch.allclose(weights["compiled"][key], value, rtol=1e-3, atol=1e-3), key
 
 
 def _free_port() -> int:
