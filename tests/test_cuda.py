@@ -157,8 +157,7 @@ def test_one_training_step_of_every_model_preset(model, precision, tmp_path):
     before = [p.detach().clone() for p in run.model.parameters()]
     state, data = T.TrainState(), T.batches(run.train_loader, 0)
     for _ in range(4):  # fp16: GradScaler skips the steps whose gradients overflow at its initial scale
-        image, target = next(data)
-        terms = T.train_step(run, state, [(image.to(device), target.to(device))])
+        terms = T.train_step(run, state, [run.to_device(*next(data))])
         assert all(torch.isfinite(v) for v in terms.values()), terms
         if state.skipped["amp"] < state.iteration:
             break

@@ -1,8 +1,11 @@
 """Data sets in their distributed layouts: discovery, label mapping, folds, pipelines, bad input, preparation."""
 
+import random
 import subprocess
 import sys
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from PIL import Image
 
 from segjml.data import ADE20K, Cityscapes, DataError, DeepGlobeLand, PascalVOC
 from segjml.data.deepglobe import fold_split
-from segjml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from segjml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchToDevice, RandomScaleCrop, train_transform
 from segjml.labels import boundary_map
 from tests.fixtures import DEEPGLOBE_COLOURS, write_ade20k, write_cityscapes, write_deepglobe, write_voc
 from tests.helpers import ROOT
@@ -101,11 +104,75 @@ def test_train_pipeline_keeps_label_values_and_alignment():
         out = t(image=image, mask=label)
         img, lab = out["image"], out["mask"]
         assert img.shape == (64, 64, 3) and lab.shape == (64, 64)
+        assert img.dtype == lab.dtype == np.uint8  # normalised on the device, not in the worker
         assert set(np.unique(lab)) <= set(np.unique(label)) | {255}
-        restored = img[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        restored = img[..., 0].astype(float)
         interior = ~boundary_map(torch.from_numpy(lab.astype(np.int64)), 5, None).numpy() & (lab != 255)
         interior[:2] = interior[-2:] = interior[:, :2] = interior[:, -2:] = False  # neighbours beyond the crop unseen
         assert np.allclose(restored[interior], (lab[interior].astype(int) * 40 % 256), atol=1.0)
+
+
+def whole_image_pipeline(crop, scale_range, mean=IMAGENET_MEAN):
+    """albumentations' own transforms: rescale the whole image, pad (centred), crop."""
+    lo, hi = scale_range
+    return A.Compose(
+        [
+            A.RandomScale(
+                scale_limit=(lo - 1, hi - 1),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.PadIfNeeded(
+                min_height=crop[0], min_width=crop[1], border_mode=cv2.BORDER_CONSTANT, fill=mean, fill_mask=255
+            ),
+            A.RandomCrop(height=crop[0], width=crop[1]),
+        ]
+    )
+
+
+def test_scale_and_crop_of_the_region_only_equal_albumentations_rescaling_the_whole_image():
+    """Same generator state -> the same scale and crop as RandomScale + PadIfNeeded + RandomCrop (so the same
+    augmentation distribution); the label to the pixel, the image within one grey level (warpAffine's 1/32-pixel
+    interpolation against cv2.resize's), over image sizes that need padding, cropping or both."""
+    rng = np.random.default_rng(0)
+    worst, shapes = 0, set()
+    for trial in range(60):
+        rows, cols = (int(v) for v in rng.integers(20, 300, 2))
+        crop = tuple(int(v) for v in rng.integers(16, 200, 2))
+        smooth = cv2.resize(rng.integers(0, 256, (rows // 8 + 2, cols // 8 + 2, 3), dtype=np.uint8), (cols, rows))
+        image = rng.integers(0, 256, (rows, cols, 3), dtype=np.uint8) if trial % 3 == 0 else smooth  # noise too
+        label = rng.integers(0, 20, (rows, cols), dtype=np.uint8)
+        ours = A.Compose([RandomScaleCrop(*crop, (0.5, 2.0), IMAGENET_MEAN, 255)])
+        reference = whole_image_pipeline(crop, (0.5, 2.0))
+        outputs = []
+        for pipeline in (ours, reference):
+            seed = 1000 + trial
+            pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            outputs.append(pipeline(image=image, mask=label))
+        (a, b) = outputs
+        assert a["image"].shape == b["image"].shape == (*crop, 3) and a["image"].dtype == np.uint8
+        assert np.array_equal(a["mask"], b["mask"]), trial
+        worst = max(worst, int(np.abs(a["image"].astype(int) - b["image"].astype(int)).max()))
+        shapes.add((rows * 2 > crop[0], rows // 2 < crop[0]))
+    assert worst <= 1
+    assert len(shapes) >= 3  # crops inside the image, padded ones and mixed ones were all drawn
+
+
+def test_batch_to_device_normalises_uint8_images_and_widens_labels():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 5, 7), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 255, (2, 5, 7), generator=g, dtype=torch.uint8)
+    expected = (images.double() - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    for channels_last in (False, True):
+        x, y = BatchToDevice("cpu", IMAGENET_MEAN, IMAGENET_STD, channels_last)(images, labels)
+        assert x.dtype == torch.float32 and torch.allclose(x.double(), expected, atol=1e-6)
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert y.dtype == torch.int64 and torch.equal(y, labels.long())
+    with pytest.raises(DataError, match="float32 images; segjml's data sets give uint8 images"):
+        BatchToDevice("cpu").images(images.float())
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -41,11 +41,11 @@ def test_fp16_with_a_gradient_scaler_counts_and_undoes_the_steps_it_skips(tmp_pa
     overflow = weight.register_hook(lambda grad: grad * float("inf"))  # one step's gradients overflow
     before = {k: v.clone() for k, v in run.model.state_dict().items() if v.is_floating_point() and "running" not in k}
     scale = run.scaler.get_scale()
-    T.train_step(run, state, [next(data)])
+    T.train_step(run, state, [run.to_device(*next(data))])
     overflow.remove()
     assert state.skipped["amp"] == 1 and run.scaler.get_scale() == scale / 2  # skipped, and the scale halved
     assert all(torch.equal(run.model.state_dict()[k], v) for k, v in before.items())  # no update
-    T.train_step(run, state, [next(data)])
+    T.train_step(run, state, [run.to_device(*next(data))])
     assert state.skipped["amp"] == 1 and state.iteration == 2
     assert any(not torch.equal(run.model.state_dict()[k], v) for k, v in before.items())
 
@@ -97,7 +97,7 @@ def test_a_compiled_training_step_matches_eager(tmp_path):
             if isinstance(module, torch.nn.Dropout2d):
                 module.p = 0.0
         state, data = T.TrainState(), T.batches(run.train_loader, 0)
-        terms = T.train_step(run, state, [next(data)])
+        terms = T.train_step(run, state, [run.to_device(*next(data))])
         steps[mode] = ({k: float(v) for k, v in terms.items()}, run.model.state_dict())
     (eager_terms, eager_weights), (compiled_terms, compiled_weights) = steps["eager"], steps["compiled"]
     # inductor fuses and reorders float32 reductions: the losses agree to float rounding; the first layers'

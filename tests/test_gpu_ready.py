@@ -98,8 +98,7 @@ def _ddp_run_on_rank(rank, world):
     state = T.resume(run)
     data = T.batches(run.train_loader, state.iteration)
     for _ in range(3):
-        image, target = next(data)
-        terms = T.train_step(run, state, [(image, target)])
+        terms = T.train_step(run, state, [run.to_device(*next(data))])
     return weights, mask, state.iteration, float(terms["total"])
 
 

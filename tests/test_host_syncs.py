@@ -93,8 +93,8 @@ def test_training_step_syncs_do_not_grow_with_the_batch(loss, tmp_path):
         cfg = compose_config(["debug=fast", f"loss={loss}", f"trainer.batch_size={batch}"], tmp_path)
         run = T.build_run(cfg)
         state, data = T.TrainState(), T.batches(run.train_loader, 0)
-        T.train_step(run, state, [next(data)])  # first step: lazy initialisations
-        micro = [next(data)]
+        T.train_step(run, state, [run.to_device(*next(data))])  # first step: lazy initialisations
+        micro = [run.to_device(*next(data))]
         counts.append(
             sum(count_syncs(lambda run=run, state=state, micro=micro: T.train_step(run, state, micro)).values())
         )

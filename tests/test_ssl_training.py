@@ -111,8 +111,8 @@ def test_one_step_updates_the_teacher_as_the_ema_of_the_student(tmp_path):
     torch.manual_seed(0)
     run = build_run(cfg)
     before = {k: v.clone() for k, v in run.ssl.teacher.model.state_dict().items()}
-    image, label = next(iter(run.train_loader))
-    image_u = next(iter(run.ssl.unlabeled_loader))[0]
+    image, label = run.to_device(*next(iter(run.train_loader)))
+    image_u = run.to_device.images(next(iter(run.ssl.unlabeled_loader))[0])
     from segjml.engine.trainer import TrainState
 
     terms = train_step(run, TrainState(), [(image, label)], image_u)

@@ -4,24 +4,27 @@
 
 Writes a few synthetic 1024x2048 images in the Cityscapes layout to a temporary directory, then measures, in one
 process (= one DataLoader worker): decoding the PNG pair alone (the baseline), and full training samples (decode,
-raw-id mapping, random scale 0.5-2, pad, crop 512x1024, flip, normalise), with raw ``labelIds`` and with prepared
-``labelTrainIds``.
+raw-id mapping, random scale 0.5-2, pad, crop 512x1024, flip; uint8 out), with raw ``labelIds`` and with prepared
+``labelTrainIds``; and, for comparison, the whole-image pipeline segjml used before (albumentations ``RandomScale``
+of the whole image, ``PadIfNeeded``, ``RandomCrop``, ``HorizontalFlip``, ``Normalize``; float32 out).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 from pathlib import Path
 
+import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image
 
 from segjml.data.cityscapes import Cityscapes
 from segjml.data.folder import read_image, read_label
-from segjml.data.transforms import train_transform
+from segjml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
 
 
 def write_images(root: Path, n: int) -> None:
@@ -37,6 +40,41 @@ def write_images(root: Path, n: int) -> None:
         cv2.imwrite(str(img_dir / f"{stem}_leftImg8bit.png"), image)
         raw = cv2.resize(rng.integers(0, 34, (32, 64), dtype=np.uint8), (2048, 1024), interpolation=cv2.INTER_NEAREST)
         Image.fromarray(raw, mode="L").save(lbl_dir / f"{stem}_gtFine_labelIds.png")
+
+
+def whole_image_transform(crop: tuple[int, int], scale_range: tuple[float, float]) -> A.Compose:
+    """The earlier pipeline: the whole image rescaled, then padded and cropped, normalised in the worker."""
+    lo, hi = scale_range
+    return A.Compose(
+        [
+            A.RandomScale(
+                scale_limit=(lo - 1.0, hi - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.PadIfNeeded(
+                min_height=crop[0],
+                min_width=crop[1],
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=IMAGENET_MEAN,
+                fill_mask=255,
+            ),
+            A.RandomCrop(height=crop[0], width=crop[1]),
+            A.HorizontalFlip(p=0.5),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=1.0),
+        ]
+    )
+
+
+def sample(dataset: Cityscapes):
+    """Sample ``i`` with the augmentation seeded by ``i``: every pipeline draws the same scales and crops."""
+
+    def get(i: int):
+        dataset.transform.set_random_state(np.random.default_rng(i), random.Random(i))
+        return dataset[i % len(dataset)]
+
+    return get
 
 
 def rate(fn, samples: int) -> float:
@@ -66,19 +104,22 @@ def main(argv: list[str] | None = None) -> None:
             read_label(label_path)
 
         base = rate(decode, args.samples)
-        raw = rate(lambda i: dataset[i % n], args.samples)
+        raw = rate(sample(dataset), args.samples)
         for _, label_path in dataset.samples:
             ids = np.asarray(Image.open(label_path))
             out = label_path.with_name(label_path.name.replace("_labelIds", "_labelTrainIds"))
             Image.fromarray(Cityscapes._lut[ids], mode="L").save(out)
         prepared = Cityscapes(root, "train", transform=dataset.transform)
-        train_ids = rate(lambda i: prepared[i % n], args.samples)
+        train_ids = rate(sample(prepared), args.samples)
+        before = Cityscapes(root, "train", transform=whole_image_transform((512, 1024), (0.5, 2.0)))
+        whole = rate(sample(before), args.samples)
     print(f"threads: cv2={cv2.getNumThreads()} (1 process = 1 DataLoader worker); 1024x2048 PNG inputs")
     print(f"{'pipeline':<44} {'samples/s':>10} {'x decode':>9}")
     for name, value in (
         ("decode PNG pair only (baseline)", base),
         ("train sample, raw labelIds", raw),
         ("train sample, prepared labelTrainIds", train_ids),
+        ("whole-image pipeline, prepared labelTrainIds", whole),
     ):
         print(f"{name:<44} {value:10.2f} {value / base:9.2f}")
 

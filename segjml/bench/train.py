@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from segjml.bench.common import block_labels, paired_median_times, peak_extra_memory, sync
 from segjml.config import compose
+from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine.distillation import teacher_logits
 from segjml.engine.optim import build_optimizer
@@ -135,15 +136,16 @@ def build_run(loss: str, mode: str, amp: str, device: torch.device) -> Run:
         val_loader=None,
         metrics=None,
         class_names=[],
+        to_device=BatchToDevice(device, cfg.dataset.mean, cfg.dataset.std, mode == "channels_last"),
         with_aux=criterion.aux_weight > 0,
     )
 
 
 def host_batch(batch: int, size: int, classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A normalised image batch and block labels (some pixels ignored) on the host, pinned for a GPU."""
+    """A uint8 image batch and block labels (some pixels ignored), as the loader gives them, pinned for a GPU."""
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, 3, size, size, generator=g)
-    target = block_labels(batch, classes, size, size, g, torch.device("cpu"))
+    image = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    target = block_labels(batch, classes, size, size, g, torch.device("cpu")).to(torch.uint8)
     target[:, : size // 16] = 255
     if device.type == "cuda":
         image, target = image.pin_memory(), target.pin_memory()
@@ -162,10 +164,7 @@ def measure(loss: str, mode: str, args: argparse.Namespace, device: torch.device
     ]
 
     def to_device() -> tuple[torch.Tensor, torch.Tensor]:
-        image = host_image.to(device, non_blocking=True)
-        if mode == "channels_last":
-            image = image.contiguous(memory_format=torch.channels_last)
-        return image, host_target.to(device, non_blocking=True)
+        return run.to_device(host_image, host_target)
 
     def step() -> None:
         clock.start()

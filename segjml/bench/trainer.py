@@ -24,6 +24,7 @@ import torch
 from segjml.bench.common import sync
 from segjml.config import compose
 from segjml.data import build_dataset, build_loader
+from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine import train
 from segjml.engine.optim import build_optimizer
@@ -47,16 +48,14 @@ def bare_loop(cfg, iters: int, warmup: int) -> float:
     scheduler = build(cfg.scheduler)(optimizer, max_iters=t.max_iters)
     dtype = PRECISIONS[t.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    to_device = BatchToDevice(device, cfg.dataset.mean, cfg.dataset.std, t.channels_last)
     model.train()
     data = batches(loader, 0)
     for i in range(warmup + iters):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
-        image, target = next(data)
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if t.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
+        image, target = to_device(*next(data))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             outputs = model(image)
         loss = criterion({k: v.float() for k, v in outputs.items()}, target)["total"]

@@ -44,11 +44,14 @@ def read_label(path: str | Path, mode: str = "index") -> np.ndarray:
 
 
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """HWC image -> CHW float tensor; label -> int64 tensor."""
+    """HWC uint8 image -> CHW uint8 tensor; label -> uint8 tensor (int64 if it was not uint8). They are converted to
+    float / int64 on the device (:class:`~segjml.data.transforms.BatchToDevice`)."""
     image_t = torch.from_numpy(np.ascontiguousarray(image))
     if image_t.ndim == 3:
         image_t = image_t.permute(2, 0, 1)
-    return image_t.float(), torch.from_numpy(np.ascontiguousarray(label)).long()
+    if label.dtype != np.uint8:
+        label = label.astype(np.int64)
+    return image_t, torch.from_numpy(np.ascontiguousarray(label))
 
 
 class SegmentationFolder(Dataset):

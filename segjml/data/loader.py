@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from segjml.data.errors import DataError
 from segjml.data.samplers import ResumableSampler, SeededSamples, ShardSampler
-from segjml.data.transforms import train_transform, val_transform
+from segjml.data.transforms import train_transform
 from segjml.utils import build
 from segjml.utils.signals import ignore_stop_signals, stop_signals_blocked
 
@@ -24,16 +24,16 @@ def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transfo
 
     Args:
         cfg: the ``dataset`` config: ``train`` / ``val`` nodes, ``num_classes``, ``crop_size``, ``scale_range``,
-            ``hflip``, ``mean``, ``std``, ``ignore_index``.
+            ``hflip``, ``mean``, ``ignore_index``.
         split: ``train`` or ``val``.
         limit: keep only the first ``limit`` samples.
-        transform: attach the split's pipeline (``False``: raw uint8 images, for validation scans).
+        transform: attach the training pipeline to the training split (``False``: the images as stored, for
+            validation scans). Validation images are never transformed. Either way the samples are ``uint8``: they
+            are normalised on the device (:class:`~segjml.data.transforms.BatchToDevice`).
     """
     pipeline = None
     if transform and split == "train":
-        pipeline = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.std, cfg.ignore_index)
-    elif transform:
-        pipeline = val_transform(cfg.mean, cfg.std)
+        pipeline = train_transform(cfg.crop_size, cfg.scale_range, cfg.hflip, cfg.mean, cfg.ignore_index)
     dataset = build(cfg[split], transform=pipeline)
     classes = getattr(dataset, "num_classes", cfg.num_classes)
     if classes != cfg.num_classes:

@@ -44,6 +44,7 @@ def stored_dataset(path: str, state: dict) -> DictConfig:
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """``eval.py``: the checkpoint's model on the validation split of its data set (or ``cfg.dataset``)."""
     from segjml.data import build_dataset, build_loader
+    from segjml.data.transforms import BatchToDevice
     from segjml.engine.inference import evaluate
     from segjml.metrics import SegmentationMetrics
 
@@ -63,7 +64,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         model,
         loader,
         metrics,
-        device,
+        BatchToDevice(device, data_cfg.mean, data_cfg.std),
         cfg.mode,
         data_cfg.crop_size,
         flip=cfg.flip,
@@ -83,7 +84,7 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
     from segjml.data.errors import DataError
     from segjml.data.folder import read_image
-    from segjml.data.transforms import val_transform
+    from segjml.data.transforms import BatchToDevice
     from segjml.engine.inference import predict_probs
 
     device = resolve_device(cfg.device)
@@ -98,13 +99,13 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     if not files:
         raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
     palette = torch.tensor(dataset_palette(data_cfg), dtype=torch.uint8)
-    transform = val_transform(data_cfg.mean, data_cfg.std)
+    to_device = BatchToDevice(device, data_cfg.mean, data_cfg.std)
     colormap = matplotlib.colormaps["viridis"]
     out_dir = Path(cfg.paths.output_dir)
     written = []
     for path in files:
         image = read_image(path)
-        x = torch.from_numpy(transform(image=image)["image"]).permute(2, 0, 1)[None].float().to(device)
+        x = to_device.images(torch.from_numpy(image).permute(2, 0, 1)[None])
         probs = predict_probs(model, x, cfg.mode, data_cfg.crop_size, flip=cfg.flip, scales=cfg.scales)[0].cpu()
         conf, pred = probs.max(0)
         colour = palette[pred].numpy()

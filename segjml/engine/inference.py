@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segjml.data.transforms import BatchToDevice
 from segjml.engine.report import format_table, reliability_diagram, write_json
 from segjml.metrics import SegmentationMetrics
 
@@ -98,7 +99,7 @@ def evaluate(
     model: nn.Module,
     loader: DataLoader,
     metrics: SegmentationMetrics,
-    device: torch.device,
+    to_device: BatchToDevice,
     mode: str = "whole",
     crop_size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
@@ -112,14 +113,17 @@ def evaluate(
 ) -> dict:
     """Run the model over ``loader`` and return ``metrics.compute()``; the model's train/eval mode is restored.
 
+    ``to_device`` moves each batch to the model's device and normalises its images.
+
     With ``output_dir``, also print the per-class table and write ``metrics.json`` and ``reliability.png`` there.
     """
     was_training = model.training
     model.eval()
     metrics.reset()
+    device = to_device.device
     metrics.to(device)
-    for image, target in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        image, target = to_device(*batch)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             probs = predict_probs(model, image, mode, crop_size, stride, flip, scales)
         metrics.update(probs, target)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from segjml.data import DataError, build_dataset, build_loader
 from segjml.data.loader import shutdown_workers
+from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine.checkpoint import (
     CheckpointError,
@@ -109,6 +110,7 @@ class Run:
     val_loader: torch.utils.data.DataLoader
     metrics: SegmentationMetrics
     class_names: list[str]
+    to_device: BatchToDevice  # a loader's uint8 batch -> normalised images (channels_last if set), int64 labels
     ssl: SemiSupervised | None = None  # semi-supervised runs (cfg.ssl, segjml/engine/ssl.py)
     with_aux: bool = True  # whether the training forward pass runs the auxiliary head (the loss reads it)
 
@@ -232,6 +234,7 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
     scheduler = build(cfg.scheduler)(optimizer, max_iters=tcfg.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
+    to_device = BatchToDevice(device, cfg.dataset.mean, cfg.dataset.std, tcfg.channels_last)
     ssl = None
     if cfg.get("ssl") is not None:  # the unlabeled stream shuffles with its own seed
         ssl = build_ssl(cfg, model, unlabeled_set, lambda ds, bs: train_loader_of(ds, bs, cfg.seed + 1), device)
@@ -251,6 +254,7 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
         val_loader=val_loader,
         metrics=metrics,
         class_names=class_names,
+        to_device=to_device,
         ssl=ssl,
         with_aux=with_aux,
     )
@@ -482,7 +486,7 @@ def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
             run.ssl.eval_model(run.model) if run.ssl is not None else run.model,
             run.val_loader,
             run.metrics,
-            run.device,
+            run.to_device,
             tcfg.eval.mode,
             run.cfg.dataset.crop_size,
             flip=tcfg.eval.flip,
@@ -569,18 +573,9 @@ def periodic(run: Run, state: TrainState, terms: dict, meter: Meter, logger: Run
 
 def next_batch(run: Run, data, unlabeled) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
     """The micro-batches of the next step on the device (and the unlabeled images of an SSL step, or ``None``)."""
-    tcfg, micro = run.cfg.trainer, []
-    for _ in range(tcfg.accumulate_steps):
-        image, target = next(data)
-        image, target = image.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
-        if tcfg.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        micro.append((image, target))
-    image_u = None
-    if unlabeled is not None:  # the unlabeled images only: their labels are never read
-        image_u = next(unlabeled)[0].to(run.device, non_blocking=True)
-        if tcfg.channels_last:
-            image_u = image_u.contiguous(memory_format=torch.channels_last)
+    micro = [run.to_device(*next(data)) for _ in range(run.cfg.trainer.accumulate_steps)]
+    # the unlabeled images only: their labels are never read
+    image_u = run.to_device.images(next(unlabeled)[0]) if unlabeled is not None else None
     return micro, image_u
 
 
