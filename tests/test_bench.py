@@ -1,5 +1,5 @@
-"""``python -m segjml.bench train`` on a tiny CPU setting, and ``make gpu-check`` on a machine without a GPU (what it
-would run on one is in tests/test_cuda.py, marker ``cuda``)."""
+"""``python -m segjml.bench data`` and ``train`` on tiny CPU settings, and ``make gpu-check`` on a machine without a
+GPU (what it would run on one is in tests/test_cuda.py, marker ``cuda``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env or os.environ.copy()
     )
+
+
+def test_bench_data_prints_each_pipeline_against_decoding_alone():
+    proc = run("-m", "segjml.bench", "data", "--images", "1", "--samples", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        if m := re.fullmatch(r"(.+?)\s+([\d.]+)\s+([\d.]+)", line):
+            rows[m[1]] = (float(m[2]), float(m[3]))
+    assert list(rows) == [
+        "decode PNG pair only (baseline)",
+        "train sample, raw labelIds",
+        "train sample, prepared labelTrainIds",
+        "whole-image pipeline, prepared labelTrainIds",
+    ]
+    base = rows["decode PNG pair only (baseline)"][0]
+    for rate, ratio in rows.values():
+        assert rate > 0 and ratio == pytest.approx(rate / base, abs=0.01)
 
 
 @pytest.mark.slow

@@ -77,12 +77,18 @@ def sample(dataset: Cityscapes):
     return get
 
 
-def rate(fn, samples: int) -> float:
-    fn(0)
-    t0 = time.perf_counter()
+def rates(pipelines: dict, samples: int) -> dict[str, float]:
+    """Samples per second of each pipeline, the pipelines taking turns sample by sample (so that the machine's speed
+    drift over the run affects all of them alike)."""
+    for fn in pipelines.values():
+        fn(0)
+    seconds = dict.fromkeys(pipelines, 0.0)
     for i in range(samples):
-        fn(i)
-    return samples / (time.perf_counter() - t0)
+        for name, fn in pipelines.items():
+            t0 = time.perf_counter()
+            fn(i)
+            seconds[name] += time.perf_counter() - t0
+    return {name: samples / seconds[name] for name in pipelines}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,37 +96,42 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m segjml.bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=48)
     args = parser.parse_args(argv)
+    crop, scales = (512, 1024), (0.5, 2.0)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        write_images(root, args.images)
-        dataset = Cityscapes(root, "train", transform=train_transform((512, 1024), (0.5, 2.0)))
-        n = len(dataset)
-
-        def decode(i: int) -> None:
-            image_path, label_path = dataset.samples[i % n]
-            read_image(image_path)
-            read_label(label_path)
-
-        base = rate(decode, args.samples)
-        raw = rate(sample(dataset), args.samples)
-        for _, label_path in dataset.samples:
+        raw_root, prepared_root = Path(tmp) / "raw", Path(tmp) / "prepared"
+        write_images(raw_root, args.images)
+        write_images(prepared_root, args.images)
+        for _, label_path in Cityscapes(prepared_root, "train").samples:
             ids = np.asarray(Image.open(label_path))
             out = label_path.with_name(label_path.name.replace("_labelIds", "_labelTrainIds"))
             Image.fromarray(Cityscapes._lut[ids], mode="L").save(out)
-        prepared = Cityscapes(root, "train", transform=dataset.transform)
-        train_ids = rate(sample(prepared), args.samples)
-        before = Cityscapes(root, "train", transform=whole_image_transform((512, 1024), (0.5, 2.0)))
-        whole = rate(sample(before), args.samples)
+        raw = Cityscapes(raw_root, "train", transform=train_transform(crop, scales))
+        n = len(raw)
+
+        def decode(i: int) -> None:
+            image_path, label_path = raw.samples[i % n]
+            read_image(image_path)
+            read_label(label_path)
+
+        result = rates(
+            {
+                "decode PNG pair only (baseline)": decode,
+                "train sample, raw labelIds": sample(raw),
+                "train sample, prepared labelTrainIds": sample(
+                    Cityscapes(prepared_root, "train", transform=train_transform(crop, scales))
+                ),
+                "whole-image pipeline, prepared labelTrainIds": sample(
+                    Cityscapes(prepared_root, "train", transform=whole_image_transform(crop, scales))
+                ),
+            },
+            args.samples,
+        )
+    base = result["decode PNG pair only (baseline)"]
     print(f"threads: cv2={cv2.getNumThreads()} (1 process = 1 DataLoader worker); 1024x2048 PNG inputs")
     print(f"{'pipeline':<44} {'samples/s':>10} {'x decode':>9}")
-    for name, value in (
-        ("decode PNG pair only (baseline)", base),
-        ("train sample, raw labelIds", raw),
-        ("train sample, prepared labelTrainIds", train_ids),
-        ("whole-image pipeline, prepared labelTrainIds", whole),
-    ):
+    for name, value in result.items():
         print(f"{name:<44} {value:10.2f} {value / base:9.2f}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from segjml.data.errors import DataError
@@ -119,4 +120,4 @@ class Cityscapes(SegmentationFolder):
         if raw.max(initial=0) >= NUM_RAW_IDS:
             value = int(raw[raw >= NUM_RAW_IDS][0])
             raise DataError(f"label {path} holds raw id {value}; Cityscapes labelIds are 0-{NUM_RAW_IDS - 1}")
-        return self._lut[raw]
+        return cv2.LUT(raw, self._lut) if raw.dtype == np.uint8 else self._lut[raw]
