@@ -24,6 +24,45 @@ def run_name(experiment: str | None, dataset: str, model: str, loss: str) -> str
     return str(experiment) if experiment else f"{dataset}_{model}_{loss}"
 
 
+# Config keys that do not define a run (dotted prefixes: every key under one counts too). They are left out of the run
+# directory's name (Hydra's ``exclude_keys``, through :func:`run_independent_overrides`), and a checkpoint resumes
+# when only they differ (``trainer.max_iters`` may only grow): the same command with one of them changed continues
+# the same run. The one list of them.
+RUN_INDEPENDENT_KEYS: tuple[str, ...] = (
+    "experiment",  # the run name is the directory's first part, not repeated in the overrides part
+    "name",
+    "trainer.max_iters",  # extends a finished or running run (fewer iterations are refused on resume)
+    "trainer.log_interval",  # logging and checkpointing: how often
+    "trainer.eval_interval",
+    "trainer.ckpt_interval",
+    "trainer.ckpt_minutes",
+    "trainer.progress",
+    "logger",  # W&B project, mode, tags
+    "trainer.num_workers",  # loading speed only: augmentation is seeded per sample
+    "trainer.lock_stale_minutes",  # when a dead run's run.lock is taken over
+    "trainer.resume",  # where files are: the checkpoint to resume from, data and output directories
+    "trainer.allow_config_change",
+    "paths",
+    "teacher.checkpoint",  # the teacher itself is checked by its SHA-256
+)
+
+
+def override_key(override: str) -> str:
+    """The config key of a command-line override: ``+a.b=1`` / ``~a.b`` / ``a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_run_independent(key: str) -> bool:
+    """Whether ``key`` (dotted) is, or lies under, one of :data:`RUN_INDEPENDENT_KEYS`."""
+    return any(key == k or key.startswith(k + ".") for k in RUN_INDEPENDENT_KEYS)
+
+
+def run_independent_overrides(overrides) -> list[str]:
+    """The keys of ``overrides`` (a job's task overrides) that do not define the run: what Hydra leaves out of
+    ``job.override_dirname`` (``configs/hydra/default.yaml``)."""
+    return [key for key in map(override_key, overrides or ()) if is_run_independent(key)]
+
+
 def sweep_dirname(override_dirname: str) -> str:
     """The ``job.override_dirname`` of a sweep's job as the same command without ``-m`` spells it.
 
@@ -98,10 +137,15 @@ class TrainerConfig:
 
 
 def register_configs() -> None:
-    """The trainer schema in Hydra's ConfigStore, the ``run_name`` resolver the main config names runs with and the
-    ``sweep_dirname`` one that places a sweep's jobs (``configs/hydra/default.yaml``)."""
+    """The trainer schema in Hydra's ConfigStore, the ``run_name`` resolver the main config names runs with, and the
+    ``sweep_dirname`` and ``run_independent_overrides`` ones that place runs and a sweep's jobs
+    (``configs/hydra/default.yaml``)."""
     ConfigStore.instance().store(group="trainer", name="base_trainer", node=TrainerConfig)
-    for name, resolver in (("run_name", run_name), ("sweep_dirname", sweep_dirname)):
+    for name, resolver in (
+        ("run_name", run_name),
+        ("sweep_dirname", sweep_dirname),
+        ("run_independent_overrides", run_independent_overrides),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+from segjml.config import RUN_INDEPENDENT_KEYS
 from segjml.engine import checkpoint as ckpt
 from segjml.engine.checkpoint import (
-    RESUME_MUTABLE_KEYS,
     CheckpointError,
     check_resumable_config,
     config_diff,
@@ -439,7 +439,7 @@ def test_resume_ignores_the_keys_that_may_change():
     new["teacher"]["checkpoint"] = "/moved/a.pt"
     assert config_diff(old, new, ()) != []
     check_resumable_config(old, new, "last.pt")  # max_iters grew: allowed
-    assert {"trainer.max_iters", "paths", "logger"} <= set(RESUME_MUTABLE_KEYS)
+    assert {"trainer.max_iters", "paths", "logger"} <= set(RUN_INDEPENDENT_KEYS)
 
 
 def test_resume_with_fewer_iterations_is_refused():

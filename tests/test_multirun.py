@@ -137,7 +137,7 @@ def test_demo_sweep_with_submitit_local_writes_both_runs(tmp_path):
         ]
     )
     for seed in (0, 1):
-        metrics = assert_finished(tmp_path / "demo" / f"seed={seed},trainer.max_iters=3")
+        metrics = assert_finished(tmp_path / "demo" / f"seed={seed}")  # max_iters does not name the run
         assert 0 <= metrics["miou"] <= 100
     assert len(list(tmp_path.rglob("metrics.json"))) == 2
 

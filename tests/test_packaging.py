@@ -60,7 +60,7 @@ def test_segjml_train_from_an_empty_folder_writes_metrics(installed, tmp_path):
     target, env = installed
     proc = run([target / "bin" / "segjml-train", "trainer.max_iters=3", "trainer.progress=false"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "outputs" / "synthetic_demo_ce_jml" / "trainer.max_iters=3"
+    run_dir = tmp_path / "outputs" / "synthetic_demo_ce_jml"  # trainer.max_iters does not name the run
     assert (run_dir / "metrics.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
 
     ckpt = f"ckpt='{run_dir / 'checkpoints' / 'last.pt'}'"

@@ -33,7 +33,8 @@ def test_train_writes_metrics_checkpoint_and_config(finished_run):
     run_dirs = [p.parent for p in tmp_path.rglob("metrics.json")]
     assert len(run_dirs) == 1
     run = run_dirs[0]
-    assert run == tmp_path / "synthetic_demo_ce_jml" / "debug=fast,trainer.max_iters=6"  # progress: not in the name
+    # trainer.progress and trainer.max_iters do not define the run: they are not in its directory's name
+    assert run == tmp_path / "synthetic_demo_ce_jml" / "debug=fast"
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("acc", "miou", "miou_i", "miou_c", "ece", "bece", "sce", "bsce", "iou_per_class"):
         assert key in metrics
@@ -68,6 +69,17 @@ def test_rerun_resumes_from_last(tmp_path, caplog):
         train(compose_config(["debug=fast", "trainer.max_iters=6"], tmp_path))
     assert "resumed from" in caplog.text and "at iteration 6" in caplog.text
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 6
+
+
+def test_the_same_command_with_more_iterations_extends_the_run_in_its_directory(tmp_path):
+    first = run_train(tmp_path, "experiment=demo", "debug=fast")  # 4 iterations
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = run_train(tmp_path, "experiment=demo", "debug=fast", "trainer.max_iters=7")
+    assert more.returncode == 0, more.stderr[-2000:]
+    run = tmp_path / "demo" / "debug=fast"
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'} at iteration 4" in more.stdout + more.stderr
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 7
+    assert [p.parent for p in tmp_path.rglob("metrics.json")] == [run]  # no second run directory
 
 
 def test_bad_override_value_fails_with_hydra_message(tmp_path):

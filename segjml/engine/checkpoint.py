@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from segjml.config import RUN_INDEPENDENT_KEYS
 from segjml.utils.files import read_tensors
 
 
@@ -473,23 +474,6 @@ def find_resumable(path: Path) -> Path | None:
 
 # ------------------------------------------------------------------------------------------- config fingerprints
 
-# Config keys that may change between attempts of one run (dotted prefixes; a key under one is ignored too).
-RESUME_MUTABLE_KEYS: tuple[str, ...] = (
-    "trainer.log_interval",  # logging: how often losses are logged
-    "trainer.progress",  # progress: the progress bar on or off
-    "trainer.num_workers",  # workers: data-loading processes (the batches do not depend on them)
-    "trainer.max_iters",  # max_iters extension: a run may be extended; check_resumable_config refuses less
-    "trainer.resume",  # paths: which checkpoint to resume from
-    "trainer.eval_interval",  # logging: how often the validation set is evaluated
-    "trainer.ckpt_interval",  # logging: how often last.pt is written
-    "trainer.ckpt_minutes",  # logging: how often last.pt is written
-    "trainer.lock_stale_minutes",  # when a run.lock left by a dead run is taken over
-    "trainer.allow_config_change",  # the switch that lets a changed config resume
-    "logger",  # logging: W&B project, mode, tags
-    "paths",  # paths: data and output directories (a moved data set or log dir)
-    "teacher.checkpoint",  # paths: the teacher's file (its SHA-256 is checked separately)
-)
-
 
 def _plain(cfg: Any) -> Any:
     """An OmegaConf config as plain containers (resolved); anything else unchanged."""
@@ -578,9 +562,10 @@ def _short(value: Any) -> str:
 def check_resumable_config(old: Mapping[str, Any] | None, new: Mapping[str, Any], source: str) -> None:
     """Refuse to resume checkpoint ``source`` (written with config ``old``) under a different config ``new``.
 
-    Keys in :data:`RESUME_MUTABLE_KEYS` may differ, except that ``trainer.max_iters`` may only grow. ``old=None``
-    (a checkpoint that stores no config) is not checked. Honouring ``trainer.allow_config_change`` and comparing
-    ``trainer.max_iters`` with the checkpoint's iteration are left to the caller.
+    Keys of :data:`~segjml.config.RUN_INDEPENDENT_KEYS` may differ, except that ``trainer.max_iters`` may only
+    grow. ``old=None`` (a checkpoint that stores no config) is not checked. Honouring
+    ``trainer.allow_config_change`` and comparing ``trainer.max_iters`` with the checkpoint's iteration are left to
+    the caller.
 
     Raises:
         CheckpointError: one line listing up to 5 differing keys with their old and new values.
@@ -588,7 +573,7 @@ def check_resumable_config(old: Mapping[str, Any] | None, new: Mapping[str, Any]
     if old is None:
         return
     old, new = _plain(old), _plain(new)
-    differ = config_diff(old, new, RESUME_MUTABLE_KEYS)
+    differ = config_diff(old, new, RUN_INDEPENDENT_KEYS)
     flat_old, flat_new = _flatten(old), _flatten(new)
     old_iters = flat_old.get("trainer.max_iters", _MISSING)
     new_iters = flat_new.get("trainer.max_iters", _MISSING)

@@ -268,7 +268,7 @@ def resume(run: Run) -> TrainState:
     """Restore an explicit ``trainer.resume``, else this run directory's ``last.pt`` if it is readable.
 
     The checkpoint's config must equal this one, except the keys that may change between attempts
-    (``RESUME_MUTABLE_KEYS``); ``trainer.allow_config_change=true`` accepts a difference on purpose.
+    (``segjml.config.RUN_INDEPENDENT_KEYS``); ``trainer.allow_config_change=true`` accepts a difference on purpose.
     """
     tcfg = run.cfg.trainer
     path = None

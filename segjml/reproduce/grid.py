@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from segjml.config import CONFIG_DIR
+from segjml.config import CONFIG_DIR, is_run_independent, override_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
@@ -84,21 +84,13 @@ def quote(value: str) -> str:
     return f"'{value}'" if re.search(r"[=,\s$'\[\]{}()]", value) else value
 
 
-def _exclude_keys() -> set[str]:
-    cfg = yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())
-    return set(cfg["job"]["config"]["override_dirname"]["exclude_keys"])
-
-
-EXCLUDE_KEYS = _exclude_keys()
-
-
 def override_dirname(overrides: Iterable[str]) -> str:
     """Hydra's ``job.override_dirname``: the task overrides as typed (``hydra.*`` / ``hydra/*`` ones are Hydra's
-    own), excluded keys dropped, sorted, joined by ``,``."""
+    own), those of keys that do not define a run dropped, sorted, joined by ``,``."""
     lines = []
     for line in overrides:
-        key = line.split("=", 1)[0].lstrip("+~")
-        if key not in EXCLUDE_KEYS and not key.startswith(("hydra.", "hydra/")):
+        key = override_key(line)
+        if not is_run_independent(key) and not key.startswith(("hydra.", "hydra/")):
             lines.append(line)
     return ",".join(sorted(lines))
 
