@@ -3,20 +3,25 @@
 
 Each composes its config from the configs shipped in the package and runs under :func:`guarded`: an input error (a
 bad value, a missing file, a checkpoint that does not fit) ends the process with one line on stderr and exit code 2,
-and its traceback goes to ``error.log`` in the run directory. ``docs/errors.md`` lists the inputs that are handled.
+and its traceback goes to ``error.log`` in the run directory. A value or key that the config's schemas refuse while
+Hydra composes it (:func:`config_refusal`) ends the same way, before a run directory exists. ``docs/errors.md``
+lists the inputs that are handled.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, ValidationError
 
 log = logging.getLogger("segjml")
 
@@ -55,7 +60,28 @@ def one_line(err: BaseException) -> str:
         return last.split(": ", 1)[1] if ": " in last else last
     if isinstance(err, MissingMandatoryValue) and lines:  # "Missing mandatory value: ckpt" + OmegaConf's key details
         return f"{lines[0]}; give it on the command line ({lines[0].rsplit(' ', 1)[-1]}=...)"
+    refusal = config_refusal(err)
+    if refusal is not None:
+        return refusal
     return " ".join(lines) or type(err).__name__
+
+
+def config_refusal(err: BaseException) -> str | None:
+    """The one line of a config that Hydra could not compose because OmegaConf refused a value or a key (a wrong
+    type, not one of an Enum's members, a key a schema or a struct node lacks), or ``None`` for another error.
+
+    Under a schema the line names the key and what it takes (:func:`segjml.utils.schema.config_error`); elsewhere it
+    is Hydra's message and OmegaConf's on one line.
+    """
+    from segjml.utils.schema import config_error
+
+    refused = (ValidationError, ConfigKeyError, ConfigAttributeError)
+    cause = err if isinstance(err, refused) else err.__cause__
+    if not isinstance(cause, refused):
+        return None
+    if cause is not err and not is_dataclass(cause.object_type):  # Hydra's words ("To append ... use +key=...")
+        return " ".join(f"{err} ({str(cause.msg).strip().splitlines()[0]})".split())
+    return config_error(cause)
 
 
 def guarded(cfg: DictConfig, fn: Callable[[], Any]) -> Any:
@@ -115,11 +141,46 @@ def run_prediction(cfg: DictConfig) -> None:
 
 
 def _hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Any:
+    """Run ``task`` as a Hydra app; a config refused while it is composed ends with one line and exit code 2.
+
+    Hydra prints a composition error itself unless ``HYDRA_FULL_ERROR=1``, so it is set while the app runs and the
+    error is caught here. Any other composition error is printed as Hydra prints it (exit code 1); an exception of
+    the task keeps its whole traceback. A user who set ``HYDRA_FULL_ERROR=1`` gets every traceback.
+    """
     import hydra
+    from hydra.errors import CompactHydraException
 
     from segjml.config import CONFIG_DIR
 
-    return hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(task)()
+    started = False
+
+    @functools.wraps(task)
+    def run(cfg: DictConfig) -> Any:
+        nonlocal started
+        started = True
+        return task(cfg)
+
+    app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(run)
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return app()
+    except CompactHydraException as err:
+        if started or full_error == "1":
+            raise
+        refusal = config_refusal(err)
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            sys.exit(2)
+        print(err, file=sys.stderr)  # as Hydra's run_and_report prints it
+        if isinstance(err.__cause__, Exception):
+            print(err.__cause__, file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 def train_main() -> None:

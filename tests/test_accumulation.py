@@ -1,10 +1,12 @@
 """Gradient accumulation keeps the loss of the whole batch: accumulate 2 x batch 4 == batch 8 (loss and gradient)."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from segjml.engine.trainer import TrainState, build_run, train_step
+from segjml.engine.trainer import TrainState, accumulated_loss, build_run, plain_loss, train_step
 from tests.helpers import compose_config
 
 
@@ -41,7 +43,9 @@ def _batch(num_classes, seed=0):
 
 
 def _step(run, micro):
+    """One train_step; several micro-batches take the accumulating step, as build_run picks for accumulate_steps > 1."""
     state = TrainState()
+    run = dataclasses.replace(run, loss_of=accumulated_loss if len(micro) > 1 else plain_loss)
     terms = train_step(run, state, micro)
     grads = {n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None}
     return terms, grads

@@ -1,12 +1,14 @@
-"""Every option of every config group composes; a data set brings its recipe; presets resolve as before."""
+"""Every option of every config group composes; a data set brings its recipe; each layer states only what differs
+(the presets resolve as before: tests/test_preset_snapshot.py)."""
 
-import json
 import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
+from segjml.config import TrainerConfig, compose, teacher_checkpoint
+from segjml.reproduce.grid import with_teacher
 from tests.helpers import CONFIG_DIR, ROOT, compose_config, group_options
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
@@ -20,6 +22,7 @@ def test_all_concerns_have_a_group():
         "optimizer",
         "scheduler",
         "trainer",
+        "metrics",
         "logger",
         "paths",
         "hydra",
@@ -124,23 +127,84 @@ def test_an_explicit_override_wins_over_the_recipe(tmp_path):
     assert cfg.pretrained is False and cfg.model.pretrained is False and cfg.trainer.val_batch_size == 2
 
 
-def test_every_preset_resolves_as_in_the_snapshot_and_has_its_own_name_and_run_directory():
-    """The resolved config of every experiment preset, compared with ``tests/data/preset_snapshot.json`` (written
-    from main before the config groups were reorganised; updated on purpose where a change meant to alter it)."""
-    snapshot = json.loads((ROOT / "tests" / "data" / "preset_snapshot.json").read_text())
-    assert set(snapshot) == set(group_options("experiment"))
-    dirs = {}
-    for name, expected in snapshot.items():
-        cfg = compose_config([f"experiment={name}"])
-        dirs.setdefault(cfg.paths.output_dir, []).append(name)
-        with open_dict(cfg):
-            cfg.paths.output_dir = "/tmp/segjml-unused"  # what the snapshot was composed with
-        assert OmegaConf.to_container(cfg, resolve=True) == expected, name
-        assert cfg.name == name
-    assert all(len(names) == 1 for names in dirs.values())
-
-
 def test_model_presets_follow_the_global_pretrained_switch(tmp_path):
     for option in group_options("model"):
         cfg = compose_config([f"model={option}", "pretrained=true"], tmp_path)
         assert cfg.model.pretrained is True, option
+
+
+# --- each default is written in one place -------------------------------------------------------------------------
+
+
+def test_the_trainer_defaults_are_written_once_in_the_schema():
+    assert set(OmegaConf.load(CONFIG_DIR / "trainer" / "default.yaml")) == {"defaults"}  # it only selects the schema
+    assert compose_config(["dataset=voc"]).trainer.max_iters == TrainerConfig.max_iters == 40000
+
+
+@pytest.mark.parametrize("recipe", group_options("recipe"))
+def test_a_recipe_states_only_what_differs_from_the_trainer_defaults(recipe):
+    defaults = OmegaConf.structured(TrainerConfig)
+    trainer = OmegaConf.load(CONFIG_DIR / "recipe" / f"{recipe}.yaml").get("trainer") or {}
+    assert [key for key, value in trainer.items() if defaults[key] == value] == []
+
+
+@pytest.mark.parametrize("dataset", group_options("dataset"))
+def test_a_dataset_states_only_what_differs_from_the_common_base(dataset, tmp_path):
+    base = OmegaConf.load(CONFIG_DIR / "dataset" / "common" / "base.yaml")
+    own = OmegaConf.load(CONFIG_DIR / "dataset" / f"{dataset}.yaml")
+    assert list(own.defaults) == ["/dataset/common/base@_here_", "_self_"]
+    assert [key for key in base if key in own and own[key] == base[key]] == []
+    for config_name, extra in (("train", []), ("eval", ["ckpt=x.pt"])):  # dataset=<name> for train.py and eval.py
+        cfg = compose([f"dataset={dataset}", *extra], config_name=config_name, output_dir=tmp_path)
+        assert cfg.dataset.name == dataset
+        assert all(cfg.dataset[key] == own.get(key, base[key]) for key in base)
+
+
+@pytest.mark.parametrize("loss", ["ce_bls", "ce_jml_bls"])
+def test_the_bls_losses_bring_the_papers_bls_with_the_authors_rule(loss, tmp_path):
+    cfg = compose_config([f"loss={loss}"], tmp_path)
+    assert OmegaConf.to_container(cfg.loss.bls) == {"kernel_size": 3, "eps": 0.5, "strict_ignore": True}
+
+
+def test_no_experiment_preset_restates_the_bls_rule_or_the_teacher_path():
+    """The BLS rule comes from the loss (only the synthetic and claims presets opt out), the teacher path from
+    ``teacher_checkpoint``."""
+    for name in group_options("experiment"):
+        node = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
+        assert "checkpoint" not in (node.get("teacher") or {}), name
+        bls = (node.get("loss") or {}).get("bls") or {}
+        assert bls.get("strict_ignore", False) is False, name
+        assert "strict_ignore" not in bls or name.startswith(("syn_", "claims_")), name
+
+
+def test_training_and_eval_read_the_one_metrics_group(tmp_path):
+    group = OmegaConf.load(CONFIG_DIR / "metrics" / "default.yaml")
+    train = compose_config(["metrics.worst_q=5"], tmp_path)
+    evaluation = compose(["ckpt=x.pt", "metrics.worst_q=5"], config_name="eval", output_dir=tmp_path)
+    assert train.metrics == evaluation.metrics == OmegaConf.merge(group, {"worst_q": 5})
+
+
+# --- the KD teacher's checkpoint ------------------------------------------------------------------------------------
+
+
+def test_teacher_checkpoint_resolver():
+    assert teacher_checkpoint("/logs", None) is None and teacher_checkpoint("/logs", None, 2) is None
+    assert teacher_checkpoint("/logs", "voc_t") == "/logs/voc_t/seed=0/checkpoints/last.pt"
+    assert teacher_checkpoint("/logs", "dg_t", 3) == "/logs/dg_t/dataset.fold=3/checkpoints/last.pt"
+    assert teacher_checkpoint("/logs", "dg_t", 0) == "/logs/dg_t/dataset.fold=0/checkpoints/last.pt"
+
+
+@pytest.mark.parametrize(
+    "experiment,overrides",
+    [("voc_dl3r18_jml_kd", ["seed=1"]), ("syn_tiny_jml_kd", ["seed=2"]), ("dg_unetr18_jml_kd", ["dataset.fold=3"])],
+)
+def test_a_kd_preset_reads_its_teacher_where_the_reproduce_runner_writes_it(experiment, overrides, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", f"paths.log_dir={tmp_path}", *overrides])
+    teacher_run = with_teacher(experiment, tuple(overrides)).teacher
+    assert cfg.teacher.checkpoint == str(teacher_run.run_dir(tmp_path) / "checkpoints" / "last.pt")
+
+
+def test_an_explicit_teacher_checkpoint_wins_and_no_teacher_means_none(tmp_path):
+    chosen = compose_config(["experiment=voc_dl3r18_jml_kd", "teacher.checkpoint=/my/teacher.pt"], tmp_path)
+    assert chosen.teacher.checkpoint == "/my/teacher.pt"
+    assert compose_config(["loss=ce_jml_kd"], tmp_path).teacher.checkpoint is None

@@ -78,7 +78,7 @@ def test_eval_of_a_checkpoint_that_does_not_fit_fails_in_one_line(tmp_path, caps
     train_cfg = compose_config(FAST, tmp_path)
     state = {
         "model": build(compose_config([*FAST, "model.num_classes=3"], tmp_path).model).state_dict(),
-        "config": OmegaConf.to_container(train_cfg, resolve=True),
+        "config": OmegaConf.to_container(train_cfg, resolve=True, enum_to_str=True),  # as the trainer saves it
     }
     path = tmp_path / "mismatch.pt"
     torch.save(state, path)
@@ -126,7 +126,7 @@ def test_keys_that_may_change_between_attempts_do_not_block_resume(finished, cap
 
 
 def test_checkpoint_stores_the_config_and_its_hash(finished):
-    from segjml.engine.checkpoint import config_hash
+    from segjml.config import config_hash
 
     state = load_checkpoint(finished / "checkpoints" / "last.pt")
     assert state["config"]["trainer"]["max_iters"] == 2
@@ -223,3 +223,89 @@ def test_eval_refuses_an_unknown_dataset_instead_of_ignoring_it(tmp_path):
 
     with pytest.raises(MissingConfigException, match="dataset/no_such"):
         compose(["ckpt=x.pt", "dataset=no_such"], config_name="eval", output_dir=tmp_path)
+
+
+# --- refused by the schemas while the config is composed ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides,line",
+    [
+        (["loss.jml.variant=jml3"], "loss.jml.variant=jml3 is not one of jml1, jml2, sjl_l1, sjl_l2"),
+        (
+            ["loss.jml.foo=1"],
+            "unknown key loss.jml.foo; loss.jml takes variant, alpha, beta, gamma, log_loss, smooth, "
+            "active_classes_hard, active_classes_soft, threshold, miou_d, miou_i, miou_c, sync_stats, class_weights, "
+            "class_weights_mode",
+        ),
+        (["loss.jml.alpha=x"], "loss.jml.alpha='x' must be a number"),
+        (["loss.iou_loss=dice"], "loss.iou_loss=dice is not one of jml, lovasz"),
+        (["loss.jml_weight=abc"], "loss.jml_weight='abc' is not a number; loss weights must be >= 0"),
+        (["loss=ce_jml_bls", "loss.bls.strict_ignore=maybe"], "loss.bls.strict_ignore='maybe' must be true or false"),
+        (
+            ["loss=ce_jml_bls", "loss.bls.kernel_size=wide"],
+            "loss.bls.kernel_size=wide must be an odd positive integer or inf",
+        ),
+        (["loss=ce_jml_bls", "loss.bls.eps=big"], "loss.bls.eps='big' is not a number in [0, 1]"),
+        (
+            ["loss=ce_jml_bls", "loss.bls.kernel_sise=3"],
+            "unknown key loss.bls.kernel_sise; loss.bls takes kernel_size, eps, strict_ignore",
+        ),
+        (
+            ["loss=ce_jml_kd", "loss.kd.mix=paper"],
+            "loss.kd.mix=paper is not one of authors, label_aux (authors: the aux head also distils from the "
+            "teacher's aux head, KL at the temperature; label_aux: the aux head takes the label CE only)",
+        ),
+        (
+            ["loss=ce_jml_kd", "loss.kd.active_classes=label"],
+            "loss.kd.active_classes=label is not one of PRESENT, ALL, LABEL, PROB, BOTH",
+        ),
+        (
+            ["loss=ce_jml_kd", "loss.kd.temprature=2"],
+            "unknown key loss.kd.temprature; loss.kd takes temperature, ce_label, ce_teacher, jml_label, jml_teacher, "
+            "active_classes, mix",
+        ),
+        (
+            ["ssl=augseg", "ssl.pseudo_label=argmax"],
+            "ssl.pseudo_label=argmax is not one of soft, hard (soft: the teacher's probabilities; hard: their argmax "
+            "(AugSeg))",
+        ),
+        (
+            ["ssl=augseg", "ssl.evaluate=ema"],
+            "ssl.evaluate=ema is not one of teacher, student (teacher: the EMA teacher, as AugSeg reports; student: "
+            "the student)",
+        ),
+        (["ssl=augseg", "ssl.strong_ops=many"], "ssl.strong_ops='many' must be an integer"),
+        (["ssl=augseg", "ssl.confidence_threshold=high"], "ssl.confidence_threshold='high' is not a number in [0, 1]"),
+        (
+            ["ssl=augseg", "ssl.eta_x=1"],
+            "unknown key ssl.eta_x; ssl takes eta_s, eta_u, theta_s, theta_u, confidence_threshold, pseudo_label, "
+            "ce_u_mean_over, unlabeled_batch_size, ema_decay, ema_warmup, evaluate, strong_ops, cutmix",
+        ),
+    ],
+)
+def test_the_schemas_refuse_a_bad_value_or_an_unknown_key_at_composition_in_one_line(overrides, line):
+    from hydra.errors import ConfigCompositionException
+
+    from segjml.cli import one_line
+    from segjml.config import compose
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(overrides)
+    assert one_line(err.value) == line
+
+
+def test_a_key_added_under_a_schema_is_refused_when_the_loss_is_built(tmp_path, capsys):
+    line = fails_in_one_line(compose_config([*FAST, "+loss.jml.foo=1"], tmp_path), capsys)
+    assert line.startswith("error: unknown key loss.jml.foo; loss.jml takes variant, alpha,")
+
+
+def test_train_py_refuses_a_schema_error_at_composition_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"paths.log_dir={tmp_path}", *FAST, "loss.jml.variant=jml3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: loss.jml.variant=jml3 is not one of jml1, jml2, sjl_l1, sjl_l2"]
+    assert "Traceback" not in proc.stdout + proc.stderr and not list(tmp_path.rglob("error.log"))

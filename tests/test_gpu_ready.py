@@ -13,8 +13,9 @@ import torch
 from segjml.engine import distributed as D
 from segjml.engine import train
 from segjml.engine import trainer as T
-from segjml.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from segjml.engine.checkpoint import load_checkpoint
 from segjml.utils import build
+from segjml.utils.rng import capture_rng_state, restore_rng_state
 from tests.distributed import run_on_ranks
 from tests.helpers import compose_config
 

@@ -92,6 +92,41 @@ def test_even_kernel_is_refused():
         boundary_map(LABEL, 4)
 
 
+@pytest.mark.parametrize("bad", [4, 0, -3, 2.5, -math.inf, math.nan, True, "wide", "4", None])
+def test_one_kernel_size_check_refuses_the_same_values_everywhere(bad):
+    """The boundary maps, boundary label smoothing and ``loss.bls.kernel_size`` share ``check_kernel_size``."""
+    from segjml.labels.boundary import check_kernel_size
+    from segjml.losses import SegmentationCriterion
+
+    with pytest.raises(ValueError, match=r"^k=.* must be an odd positive integer or inf$"):
+        check_kernel_size(bad, "k")
+    for call in (lambda: boundary_map(LABEL, bad), lambda: near_ignore_map(LABEL, bad)):
+        with pytest.raises(ValueError, match=r"^kernel_size=.* must be an odd positive integer$"):
+            call()
+    with pytest.raises(ValueError, match=r"^kernel_size=.* must be an odd positive integer or inf$"):
+        boundary_label_smoothing(LABEL[None], 3, kernel_size=bad)
+    with pytest.raises(ValueError, match=r"^loss\.bls\.kernel_size=.* must be an odd positive integer or inf$"):
+        SegmentationCriterion(3, bls={"kernel_size": bad})
+
+
+def test_kernel_size_check_reads_numbers_and_text_and_inf_only_where_allowed():
+    from segjml.labels.boundary import check_kernel_size
+
+    assert [check_kernel_size(k) for k in (1, 3, 5.0, "7", "inf", "Infinity", math.inf)] == [
+        1,
+        3,
+        5,
+        7,
+        *[math.inf] * 3,
+    ]
+    assert all(type(check_kernel_size(k)) is int for k in (3, 5.0, "7"))
+    with pytest.raises(ValueError, match="^kernel_size=inf must be an odd positive integer$"):
+        check_kernel_size(math.inf, allow_inf=False)
+    with pytest.raises(ValueError, match="^kernel_size=inf must be an odd positive integer$"):
+        boundary_map(LABEL, math.inf)
+    assert torch.equal(boundary_map(LABEL, 3.0), boundary_map(LABEL, 3))  # an integral float is that integer
+
+
 def test_bls_smooths_boundary_pixels_only():
     labels = LABEL[None]
     target = boundary_label_smoothing(labels, num_classes=3, eps=0.5, kernel_size=3)

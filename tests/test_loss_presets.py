@@ -1,5 +1,6 @@
 """Every ``configs/loss`` preset trains the demo for a few iterations (KD presets with a teacher trained here)."""
 
+import math
 import re
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def test_loss_preset_composes_from_the_base_and_states_only_what_differs(loss):
     shared.pop("defaults", None)
     stated, inherited = _leaves(raw), _leaves(shared)
     assert not {k for k, v in stated.items() if k in inherited and inherited[k] == v}, "a key repeats the base"
-    assert all(_leaves(node)[k] == v for k, v in stated.items())
+    # YAML reads `inf` as text, the schema as the number (loss.bls.kernel_size: inf)
+    assert all(_leaves(node)[k] == (math.inf if v == "inf" else v) for k, v in stated.items())
     _criterion(node)  # every key is an argument of SegmentationCriterion, every value valid
 
 
@@ -161,7 +163,7 @@ def test_kd_presets_take_the_kd_weights_from_the_kd_group():
 
 def test_lovasz_has_its_own_weight_and_keeps_the_term_names():
     node = _node(["loss=lovasz"])
-    assert "jml" not in node and "jml_weight" not in node
+    assert node["jml"] is None and node["jml_weight"] == 0.0  # the schema's defaults: no JML, and no JML weight
     assert (node["iou_loss"], node["ce_weight"], node["lovasz_weight"]) == ("lovasz", 0.25, 0.75)
     criterion = _criterion(node)
     assert isinstance(criterion.iou, LovaszSoftmaxLoss) and criterion.iou_weight == 0.75
@@ -179,16 +181,16 @@ def test_lovasz_has_its_own_weight_and_keeps_the_term_names():
     "overrides,message",
     [
         (
-            ["loss=lovasz", "+loss.jml_weight=0.75"],
+            ["loss=lovasz", "loss.jml_weight=0.75"],
             "unused with loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight",
         ),
         (["loss=ce_jml", "loss.iou_loss=lovasz"], "loss.jml_weight=0.75 weights the Jaccard metric loss, unused with"),
-        (["loss=lovasz", "loss.lovasz_weight=-1"], "loss.lovasz_weight=-1 is negative; loss weights must be >= 0"),
+        (["loss=lovasz", "loss.lovasz_weight=-1"], "loss.lovasz_weight=-1.0 is negative; loss weights must be >= 0"),
         (
             ["loss=lovasz", "loss.lovasz_weight=0", "loss.ce_weight=0"],
             "loss.ce_weight and loss.lovasz_weight are both 0",
         ),
-        (["loss=ce_jml", "+loss.lovasz_weight=0.75"], "loss.lovasz_weight=0.75 is only used with loss.iou_loss=lovasz"),
+        (["loss=ce_jml", "loss.lovasz_weight=0.75"], "loss.lovasz_weight=0.75 is only used with loss.iou_loss=lovasz"),
     ],
 )
 def test_lovasz_weight_is_checked_in_one_line(overrides, message):
@@ -198,7 +200,7 @@ def test_lovasz_weight_is_checked_in_one_line(overrides, message):
 
 
 def test_lovasz_takes_a_zero_jml_weight():
-    criterion = _criterion(_node(["loss=lovasz", "+loss.jml_weight=0"]))
+    criterion = _criterion(_node(["loss=lovasz", "loss.jml_weight=0"]))
     assert (criterion.jml_weight, criterion.iou_weight) == (0, 0.75)
 
 

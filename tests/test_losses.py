@@ -598,8 +598,14 @@ def _assert_one_line(err, *fragments):
         ({"kd": {"jml_label": -1}}, ["loss.kd.jml_label=-1 is negative"]),
         ({"kd": {"jml_teacher": -0.25}}, ["loss.kd.jml_teacher=-0.25 is negative"]),
         ({"kd": {"temprature": 2.0}}, ["unknown key loss.kd.temprature", "temperature"]),
-        ({"kd": {"mix": "paper"}}, ["loss.kd.mix='paper'", "loss.kd.mix=authors", "loss.kd.mix=label_aux"]),
-        ({"bls": {"kernel_size": 3, "eps": 0.5, "strict_ignore": "yes"}}, ["loss.bls.strict_ignore='yes'", "true"]),
+        ({"kd": {"mix": "paper"}}, ["loss.kd.mix=paper is not one of authors, label_aux", "teacher's aux head"]),
+        ({"bls": {"kernel_size": 3, "eps": 0.5, "strict_ignore": "maybe"}}, ["loss.bls.strict_ignore='maybe'", "true"]),
+        ({"jml": {"variant": "jml3"}}, ["loss.jml.variant=jml3 is not one of jml1, jml2, sjl_l1, sjl_l2"]),
+        ({"jml": {"active_classes_hard": "label"}}, ["loss.jml.active_classes_hard=label is not one of PRESENT, ALL"]),
+        ({"jml": {"alpha": "x"}}, ["loss.jml.alpha='x' must be a number"]),
+        ({"jml": {"foo": 1}}, ["unknown key loss.jml.foo; loss.jml takes variant, alpha, beta, gamma, log_loss"]),
+        ({"iou_loss": "dice"}, ["loss.iou_loss=dice is not one of jml, lovasz"]),
+        ({"kd": {"active_classes": "label"}}, ["loss.kd.active_classes=label is not one of PRESENT, ALL, LABEL"]),
     ],
 )
 def test_bad_criterion_configs_raise_one_line_errors(kwargs, fragments):

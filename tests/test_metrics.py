@@ -412,7 +412,7 @@ def test_confusion_matrices_equal_a_python_loop():
     assert torch.equal(mf.confusion_matrix(pred[1], target[1], 4), expected[1])  # no ignored pixel in image 1
 
 
-def test_iou_accuracy_and_mean_iou_from_a_confusion_matrix():
+def test_iou_accuracy_and_dataset_mean_from_a_confusion_matrix():
     g = torch.Generator().manual_seed(21)
     cm = torch.randint(0, 6, (6, 6), generator=g)
     cm[2, :], cm[:, 2] = 0, 0  # class 2 never occurs
@@ -425,10 +425,10 @@ def test_iou_accuracy_and_mean_iou_from_a_confusion_matrix():
     assert iou.dtype == torch.float64
     np.testing.assert_allclose(iou.numpy(), expected, rtol=0, atol=1e-15)
     assert iou[4] == 0 and torch.isnan(iou[2])
-    assert float(mf.mean_iou(iou)) == pytest.approx(np.nanmean(expected), abs=1e-15)
+    assert float(mf.dataset_mean(iou)) == pytest.approx(np.nanmean(expected), abs=1e-15)
     assert float(mf.pixel_accuracy(cm)) == pytest.approx(int(cm.trace()) / int(cm.sum()), abs=1e-15)
     empty = torch.zeros(3, 3, dtype=torch.long)
-    assert float(mf.mean_iou(mf.iou_from_confusion(empty))) == 0 and float(mf.pixel_accuracy(empty)) == 0
+    assert float(mf.dataset_mean(mf.iou_from_confusion(empty))) == 0 and float(mf.pixel_accuracy(empty)) == 0
 
 
 def test_image_statistics_equal_a_python_loop():

@@ -104,8 +104,9 @@ def test_paper_presets_follow_the_paper_recipes(experiment):
     elif m:
         ce = int(m.group(1)) / 100
         assert loss["ce_weight"] == pytest.approx(ce) and loss["jml_weight"] == pytest.approx(1 - ce)
-    elif variant == "lovasz":  # Lovasz-Softmax has its own weight and no jml block
-        assert (loss["ce_weight"], loss["lovasz_weight"]) == (0.25, 0.75) and "jml_weight" not in loss
+    elif variant == "lovasz":  # Lovasz-Softmax has its own weight and no jml block (the schema's null, weight 0)
+        assert (loss["ce_weight"], loss["lovasz_weight"]) == (0.25, 0.75)
+        assert loss["jml_weight"] == 0.0 and loss["jml"] is None
     else:
         assert (loss["ce_weight"], loss["jml_weight"]) == (0.25, 0.75)
     expected_iou = {"jml2": ("jml", "jml2"), "sjl1": ("jml", "sjl_l1"), "sjl2": ("jml", "sjl_l2")}

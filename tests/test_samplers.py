@@ -23,6 +23,18 @@ def test_every_epoch_is_a_permutation_that_depends_on_seed_and_epoch():
     assert list(again) == epochs[0]
 
 
+@pytest.mark.parametrize("seed", [0, 3, 12345])
+def test_one_process_training_order_is_the_one_every_earlier_run_drew(seed):
+    """The demo's (one process) shuffling: epoch ``e`` is ``randperm(n)`` of a CPU generator seeded with
+    ``seed * 1_000_003 + e``, the formula the sampler has always used; keys are ``e * n + index``."""
+    n = 37
+    s = ResumableSampler(n, seed=seed)
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        assert list(s) == (order + epoch * n).tolist()
+
+
 def test_set_epoch_with_a_start_continues_the_same_epoch():
     s = ResumableSampler(12, seed=0)
     s.set_epoch(2)

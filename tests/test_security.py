@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from segjml.data import DATASET_TARGETS
 from segjml.data.synthetic import make_sample
 from segjml.engine import train
-from segjml.engine.checkpoint import MODEL_TARGET
+from segjml.engine.commands import MODEL_TARGET
 from segjml.engine.distillation import TeacherError, build_teacher
 from tests.helpers import ROOT, compose_config, group_options
 

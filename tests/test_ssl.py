@@ -224,6 +224,23 @@ def test_ema_fused_update_equals_the_per_tensor_formula():
         torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_ema_decay_is_augsegs_schedule_through_model_ema_v3():
+    """With warm-up, ModelEmaV3's ``1 - (1 + (step - 1) / gamma) ** -power`` at gamma = power = 1 and step = n + 1 is
+    AugSeg's ``min(decay, 1 - 1 / (n + 1))`` bit for bit; timm's own defaults are not (power 2/3), and without
+    warm-up a step passed to ModelEmaV3 would make the first update a copy, so none is passed."""
+    from timm.utils import ModelEmaV3
+
+    student = TinyNet()
+    teacher = EMATeacher(student, decay=0.999, warmup=True)
+    for n in range(100_000):
+        teacher.num_updates = n
+        assert teacher.current_decay() == min(0.999, 1.0 - 1.0 / (n + 1)), n
+    timm_default = ModelEmaV3(student, decay=0.999, use_warmup=True)  # warmup_power = 2/3
+    assert timm_default.get_decay(2) == pytest.approx(1 - 2 ** (-2 / 3)) and 1 - 2 ** (-2 / 3) < 0.5
+    assert EMATeacher(student, decay=0.9).current_decay() == 0.9  # AugSeg without warm-up: decay from update 1
+    assert ModelEmaV3(student, decay=0.9).get_decay(1) == 0.0 and ModelEmaV3(student, decay=0.9).get_decay() == 0.9
+
+
 # -- splits -----------------------------------------------------------------------------------------------------------
 
 
@@ -558,8 +575,9 @@ def test_each_term_matches_its_definition_with_soft_pseudo_labels():
     logits_s, labels_s, logits_u, teacher_logits, valid_u = loss_inputs()
     probs_u = teacher_logits.softmax(1)
     c = logits_s.shape[1]
-    total, terms = SSLLoss()(logits_s, labels_s, logits_u, probs_u, valid_u)
-    assert set(terms) == {"ce_s", "ce_u", "jml_s", "jml_u"}
+    terms = SSLLoss()(logits_s, labels_s, logits_u, probs_u, valid_u)
+    assert set(terms) == {"ce_s", "ce_u", "jml_s", "jml_u", "total"}  # the terms and their sum, as the criterion's
+    total = terms["total"]
     present = sorted(set(labels_s[labels_s != IGNORE].tolist()))
     assert len(present) < c
     expected = {
@@ -580,14 +598,15 @@ def test_weights_combine_as_eq_64():
     logits_s, labels_s, logits_u, teacher_logits, valid_u = loss_inputs(seed=1)
     probs_u = teacher_logits.softmax(1)
     weights = dict(ce_weight=0.3, jml_weight=0.9, eta_s=0.2, eta_u=0.7, theta_s=0.4, theta_u=1.3)
-    total, terms = SSLLoss(**weights)(logits_s, labels_s, logits_u, probs_u, valid_u)
+    terms = SSLLoss(**weights)(logits_s, labels_s, logits_u, probs_u, valid_u)
+    total = terms["total"]
     expected = 0.3 * (0.2 * terms["ce_s"] + 0.7 * terms["ce_u"]) + 0.9 * (0.4 * terms["jml_s"] + 1.3 * terms["jml_u"])
     torch.testing.assert_close(total, expected)
-    _, only_ce = SSLLoss(jml_weight=0.0)(logits_s, labels_s, logits_u, probs_u, valid_u)
-    assert set(only_ce) == {"ce_s", "ce_u"}
+    only_ce = SSLLoss(jml_weight=0.0)(logits_s, labels_s, logits_u, probs_u, valid_u)
+    assert set(only_ce) == {"ce_s", "ce_u", "total"}
     torch.testing.assert_close(only_ce["ce_u"], terms["ce_u"])
-    _, no_u = SSLLoss(eta_u=0.0, theta_u=0.0)(logits_s, labels_s, logits_u, probs_u, valid_u)
-    assert set(no_u) == {"ce_s", "jml_s"}
+    no_u = SSLLoss(eta_u=0.0, theta_u=0.0)(logits_s, labels_s, logits_u, probs_u, valid_u)
+    assert set(no_u) == {"ce_s", "jml_s", "total"}
 
 
 def test_threshold_drops_exactly_the_low_confidence_pixels():
@@ -599,7 +618,8 @@ def test_threshold_drops_exactly_the_low_confidence_pixels():
     assert 0 < int(kept.sum()) < int(valid_u.sum())
     loss = SSLLoss(confidence_threshold=threshold)
     assert torch.equal(loss.unlabeled_keep(probs_u, valid_u), kept)
-    total, terms = loss(logits_s, labels_s, logits_u, probs_u, valid_u)
+    terms = loss(logits_s, labels_s, logits_u, probs_u, valid_u)
+    total = terms["total"]
     torch.testing.assert_close(terms["ce_u"].double(), ce_soft(logits_u, probs_u, kept), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["jml_u"].double(), jml1(logits_u, probs_u, kept, range(4)), rtol=1e-5, atol=1e-6)
     total.backward()
@@ -612,7 +632,7 @@ def test_threshold_drops_exactly_the_low_confidence_pixels():
 def test_ce_u_mean_over_all_pixels_is_augseg_normalisation():
     logits_s, labels_s, logits_u, teacher_logits, valid_u = loss_inputs(seed=3)
     probs_u = teacher_logits.detach().softmax(1)
-    _, terms = SSLLoss(confidence_threshold=0.5, ce_u_mean_over="all")(logits_s, labels_s, logits_u, probs_u, valid_u)
+    terms = SSLLoss(confidence_threshold=0.5, ce_u_mean_over="all")(logits_s, labels_s, logits_u, probs_u, valid_u)
     kept = valid_u & (probs_u.amax(1) >= 0.5)
     per_pixel = -(probs_u.double() * logits_u.double().log_softmax(1)).sum(1)
     expected = (per_pixel * kept).sum() / kept.numel()
@@ -625,7 +645,7 @@ def test_hard_pseudo_labels_are_the_thresholded_argmax():
     c = probs_u.shape[1]
     kept = valid_u & (probs_u.detach().amax(1) >= 0.6)
     pseudo = torch.where(kept, probs_u.detach().argmax(1), IGNORE)
-    _, terms = SSLLoss(pseudo_label="hard", confidence_threshold=0.6)(logits_s, labels_s, logits_u, probs_u, valid_u)
+    terms = SSLLoss(pseudo_label="hard", confidence_threshold=0.6)(logits_s, labels_s, logits_u, probs_u, valid_u)
     present = sorted(set(pseudo[kept].tolist()))
     torch.testing.assert_close(terms["ce_u"].double(), ce_hard(logits_u, pseudo), rtol=1e-5, atol=1e-6)
     expected_jml = jml1(logits_u, onehot_of(pseudo, c), kept, present)
@@ -637,7 +657,7 @@ def test_bls_smooths_the_labels_and_the_hard_pseudo_labels():
     probs_u = teacher_logits.detach().softmax(1)
     c = probs_u.shape[1]
     loss = SSLLoss(pseudo_label="hard", bls={"kernel_size": 3, "eps": 0.4})
-    _, terms = loss(logits_s, labels_s, logits_u, probs_u, valid_u)
+    terms = loss(logits_s, labels_s, logits_u, probs_u, valid_u)
     target_s = bls_dense(labels_s, c, 0.4)
     keep_s = labels_s != IGNORE
     pseudo = torch.where(valid_u, probs_u.argmax(1), IGNORE)
@@ -652,7 +672,7 @@ def test_bls_smooths_the_labels_and_the_hard_pseudo_labels():
     for name, value in expected.items():
         torch.testing.assert_close(terms[name].double(), value, rtol=1e-5, atol=1e-6, msg=name)
     # soft pseudo-labels are left as the teacher gave them; only the labeled target is smoothed
-    _, soft = SSLLoss(bls={"kernel_size": 3, "eps": 0.4})(logits_s, labels_s, logits_u, probs_u, valid_u)
+    soft = SSLLoss(bls={"kernel_size": 3, "eps": 0.4})(logits_s, labels_s, logits_u, probs_u, valid_u)
     torch.testing.assert_close(soft["ce_u"].double(), ce_soft(logits_u, probs_u, valid_u), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(soft["ce_s"], terms["ce_s"])
 
@@ -663,7 +683,7 @@ def test_bls_on_hard_pseudo_labels_smooths_the_whole_map_and_the_threshold_only_
     logits_s, labels_s, logits_u, teacher_logits, valid_u = loss_inputs(seed=5)
     probs_u = teacher_logits.detach().softmax(1)
     c = probs_u.shape[1]
-    _, terms = SSLLoss(pseudo_label="hard", confidence_threshold=0.6, bls={"kernel_size": 3, "eps": 0.4})(
+    terms = SSLLoss(pseudo_label="hard", confidence_threshold=0.6, bls={"kernel_size": 3, "eps": 0.4})(
         logits_s, labels_s, logits_u, probs_u, valid_u
     )
     kept = valid_u & (probs_u.amax(1) >= 0.6)
@@ -691,7 +711,8 @@ def test_no_pixel_kept_gives_zero_unlabeled_terms():
     logits_s, labels_s, logits_u, teacher_logits, _ = loss_inputs(seed=6)
     probs_u = teacher_logits.detach().softmax(1)
     nothing = torch.zeros(probs_u.shape[0], *probs_u.shape[2:], dtype=torch.bool)
-    total, terms = SSLLoss()(logits_s, labels_s, logits_u, probs_u, nothing)
+    terms = SSLLoss()(logits_s, labels_s, logits_u, probs_u, nothing)
+    total = terms["total"]
     assert terms["ce_u"].detach().item() == 0.0 and terms["jml_u"].detach().item() == 0.0 and torch.isfinite(total)
 
 
@@ -710,12 +731,13 @@ def test_one_ssl_step_with_every_piece():
     strong = strong_intensity_augment(images_u, IMAGENET_MEAN, IMAGENET_STD, g)
     mixed = adaptive_cutmix(strong, probs_u, images_l, labels_l, g)
     logits = student(torch.cat([images_l, mixed.images]))["out"]
-    total, terms = SSLLoss(confidence_threshold=0.5)(logits[:2], labels_l, logits[2:], mixed.probs, mixed.valid)
+    terms = SSLLoss(confidence_threshold=0.5)(logits[:2], labels_l, logits[2:], mixed.probs, mixed.valid)
+    total = terms["total"]
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
     before = teacher.model.head.weight.detach().clone()
     teacher.update(student)
-    assert torch.isfinite(total) and set(terms) == {"ce_s", "ce_u", "jml_s", "jml_u"}
+    assert torch.isfinite(total) and set(terms) == {"ce_s", "ce_u", "jml_s", "jml_u", "total"}
     assert not torch.equal(before, teacher.model.head.weight)
     torch.testing.assert_close(teacher.model.head.weight, student.head.weight)  # warm-up: first decay is 0

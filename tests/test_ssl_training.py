@@ -13,9 +13,9 @@ import torch
 
 from segjml.data.errors import DataError
 from segjml.engine.checkpoint import load_checkpoint
-from segjml.engine.ssl import split_training_set
 from segjml.engine.trainer import build_run, train_step
 from segjml.reproduce.grid import load_tables, select_tables
+from segjml.ssl.splits import split_training_set
 from tests.helpers import ROOT, compose_config, group_options, torchrun_train
 from tests.test_trainer import wait_for_iteration
 

@@ -82,11 +82,12 @@ def test_the_same_command_with_more_iterations_extends_the_run_in_its_directory(
     assert [p.parent for p in tmp_path.rglob("metrics.json")] == [run]  # no second run directory
 
 
-def test_bad_override_value_fails_with_hydra_message(tmp_path):
+def test_bad_override_value_is_refused_at_composition_in_one_line(tmp_path):
     proc = run_train(tmp_path, "trainer.max_iters=abc")
-    assert proc.returncode != 0
-    assert "could not be converted to Integer" in proc.stderr and "trainer.max_iters" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: trainer.max_iters='abc' must be an integer"]
     assert "segjml/engine" not in proc.stderr  # refused at composition, not inside the loop
+    assert not list(tmp_path.rglob("error.log"))  # before a run directory exists
 
 
 def test_unknown_group_option_fails_with_hydra_message(tmp_path):

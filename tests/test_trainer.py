@@ -318,6 +318,7 @@ def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_
     from omegaconf import OmegaConf
 
     from segjml.data import build_dataset, build_loader
+    from segjml.data.transforms import BatchToDevice
     from segjml.engine import evaluate
     from segjml.metrics import SegmentationMetrics
 
@@ -328,7 +329,8 @@ def test_torchrun_two_processes_train_and_evaluation_matches_the_checkpoint(tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torchrun runs each process with OMP_NUM_THREADS=1: the same float reductions
     try:
-        single = evaluate(model, loader, SegmentationMetrics(6), torch.device("cpu"), progress=False)
+        to_device = BatchToDevice(torch.device("cpu"), cfg.dataset.mean, cfg.dataset.std)
+        single = evaluate(model, loader, SegmentationMetrics(6), to_device, progress=False)
     finally:
         torch.set_num_threads(threads)
     for key in ("acc", "miou", "miou_i", "miou_c"):  # argmax-based: identical

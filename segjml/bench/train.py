@@ -38,7 +38,7 @@ from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine.distillation import teacher_logits
 from segjml.engine.optim import build_optimizer
-from segjml.engine.trainer import Run, TrainState, train_step
+from segjml.engine.trainer import Run, TrainState, plain_loss, train_step
 from segjml.utils import build
 
 LOSSES = ["ce", "ce_jml", "ce_jml_bls", "ce_jml_kd"]
@@ -137,6 +137,7 @@ def build_run(loss: str, mode: str, amp: str, device: torch.device) -> Run:
         metrics=None,
         class_names=[],
         to_device=BatchToDevice(device, cfg.dataset.mean, cfg.dataset.std, mode == "channels_last"),
+        loss_of=plain_loss,
         with_aux=criterion.aux_weight > 0,
     )
 

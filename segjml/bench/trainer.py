@@ -28,8 +28,9 @@ from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine import train
 from segjml.engine.optim import build_optimizer
-from segjml.engine.trainer import PRECISIONS, batches, seed_everything
+from segjml.engine.trainer import PRECISIONS, batches
 from segjml.utils import build
+from segjml.utils.seeding import seed_everything
 
 
 def bare_loop(cfg, iters: int, warmup: int) -> float:

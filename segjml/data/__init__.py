@@ -4,7 +4,7 @@ from segjml.data.ade20k import ADE20K
 from segjml.data.cityscapes import Cityscapes
 from segjml.data.deepglobe import DeepGlobeLand
 from segjml.data.errors import DataError
-from segjml.data.loader import build_dataset, build_loader
+from segjml.data.loader import build_dataset, build_loader, class_names_of
 from segjml.data.synthetic import SyntheticSegmentation
 from segjml.data.voc import PascalVOC
 
@@ -24,4 +24,5 @@ __all__ = [
     "SyntheticSegmentation",
     "build_dataset",
     "build_loader",
+    "class_names_of",
 ]

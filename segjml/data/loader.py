@@ -45,6 +45,12 @@ def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transfo
     return dataset
 
 
+def class_names_of(dataset: Dataset, num_classes: int) -> list[str]:
+    """The names of ``dataset``'s classes (its ``class_names``, kept by the ``Subset`` of ``build_dataset``), or
+    ``"0" .. "C-1"`` for a data set without names."""
+    return [str(n) for n in (getattr(dataset, "class_names", None) or range(num_classes))]
+
+
 def _init_worker(worker_id: int) -> None:
     # Stop signals are for the main process, which saves and then shuts the workers down (segjml/utils/signals.py).
     ignore_stop_signals()

@@ -15,12 +15,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from segjml.utils.seeding import derive_seed
+
 
 class ResumableSampler(Sampler[int]):
     """Shuffled sample keys of one rank, epoch by epoch, restartable mid-epoch.
 
-    Every epoch is a permutation of ``range(n)`` drawn from ``(seed, epoch)``; rank ``r`` of ``w`` takes positions
-    ``r, r + w, ...`` of its first ``w * (n // w)`` entries (the remainder is dropped, as with ``drop_last``).
+    Every epoch is a permutation of ``range(n)`` drawn from ``derive_seed(seed, epoch)``; rank ``r`` of ``w`` takes
+    positions ``r, r + w, ...`` of its first ``w * (n // w)`` entries (the remainder is dropped, as with
+    ``drop_last``).
 
     Args:
         n: data set size.
@@ -42,7 +45,7 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
@@ -84,6 +87,8 @@ class SeededSamples(Dataset):
         return self.n
 
     def __getitem__(self, key: int):
+        # Not derive_seed(seed, key): every run's augmentations (the demo's figures in docs/benchmarks.md among them)
+        # were drawn from this seed, and a one-process run keeps drawing them.
         s = (self.seed * 0x9E3779B1 + key * 0x85EBCA77) % 2**63
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(np.random.default_rng(s), random.Random(s))

@@ -1,14 +1,124 @@
-"""``eval.py`` and ``predict.py``: a trained segjml checkpoint on a validation split or on image files."""
+"""``eval.py`` and ``predict.py``: a trained segjml checkpoint on a validation split or on image files.
+
+- :func:`load_trained` builds the model a checkpoint was trained with (eval, predict, the distillation teacher).
+- :func:`check_allowed_targets` refuses a config read from a checkpoint that would build anything but segjml's own
+  model builder or data set classes; the builder is then called with the checked values (docs/security.md).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from segjml.engine.checkpoint import check_allowed_targets, load_trained
+from segjml.config import short_value, to_plain
+from segjml.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from segjml.engine.distributed import resolve_device
+
+# The builder a model config read from a checkpoint may call: the `_target_` of configs/model/common/base.yaml.
+MODEL_TARGET = "segjml.models.build_model"
+
+# Hydra keys that change how a node is built (positional arguments, a partial, ...); segjml's configs store none.
+_HYDRA_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def check_allowed_targets(
+    node: Any, allowed: Collection[str], source: str | os.PathLike, key: str, kind: str, built: bool = False
+) -> None:
+    """Refuse a config node read from a file (a checkpoint's) unless building it can only call one of ``allowed``.
+
+    Checked before anything is imported or built: every mapping in ``node`` (``key`` is its dotted name) that holds
+    ``_target_`` names one of ``allowed`` and holds no other such mapping below it (a built node's arguments are
+    plain values). Hydra's ``_args_``, ``_partial_``, ``_recursive_`` and ``_convert_`` are refused anywhere, and so
+    are interpolations (``${...}``): a stored config is saved resolved, and resolving one could make a node this check
+    never saw. With ``built``, ``node`` itself must hold one of ``allowed``.
+
+    Raises:
+        CheckpointError: ``checkpoint <source> is refused: its config sets <dotted key>=<value>, <why>; only <allowed>
+            is (are) built from a stored config, with plain values``.
+    """
+    allowed = tuple(allowed)
+
+    def refuse(at: str, shown: str, why: str) -> CheckpointError:
+        verb = "is" if len(allowed) == 1 else "are"
+        return CheckpointError(
+            f"checkpoint {source} is refused: its config sets {at}={shown}, {why}; only {', '.join(allowed)} "
+            f"{verb} built from a stored config, with plain values"
+        )
+
+    def walk(value: Any, at: str, inside: str | None) -> None:
+        if isinstance(value, Mapping):
+            if "_target_" in value:
+                target = short_value(value["_target_"])
+                if value["_target_"] not in allowed:
+                    raise refuse(f"{at}._target_", target, f"which is not a segjml {kind}")
+                if inside is not None:
+                    raise refuse(f"{at}._target_", target, f"a node nested in {inside}")
+                inside = at
+            for name, item in value.items():
+                if name in _HYDRA_KEYS:
+                    raise refuse(f"{at}.{name}", short_value(item), "a Hydra instantiation key")
+                if name != "_target_":
+                    walk(item, f"{at}.{name}", inside)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{at}[{i}]", inside)
+        elif isinstance(value, str) and "${" in value:
+            raise refuse(at, short_value(value), "an interpolation (a stored config is saved resolved)")
+
+    node = to_plain(node)
+    if built and not (isinstance(node, Mapping) and "_target_" in node):
+        at, shown = (f"{key}._target_", "unset") if isinstance(node, Mapping) else (key, short_value(node))
+        raise refuse(at, shown, f"which is not a segjml {kind}")
+    walk(node, key, None)
+
+
+def load_trained(
+    path: str | os.PathLike, device: str | torch.device = "cpu", model_cfg: Mapping[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a segjml checkpoint, built from the model config stored in it (or ``model_cfg``), every weight
+    loaded strictly, in eval mode on ``device``; and the checkpoint itself (its ``config`` is the run's config).
+
+    The stored config is the file's, not the user's: it must pass :func:`check_allowed_targets` (only
+    :data:`MODEL_TARGET`, nothing nested), and its values are passed to that builder directly, so Hydra never
+    instantiates anything read from the file. ``model_cfg`` (``teacher.model=``) is the user's own and built as given.
+
+    Raises:
+        CheckpointError: unreadable file, no model config, a stored model config that would build anything else, or
+            weights that do not fit the model (first tensor named).
+    """
+    from segjml.models import build_model
+    from segjml.utils import build
+
+    state = load_checkpoint(path, map_location=device)
+    if model_cfg is not None:
+        node = OmegaConf.create(to_plain(model_cfg))
+        node.pretrained = False  # every weight comes from the checkpoint
+        model = build(node)
+    else:
+        node = (state.get("config") or {}).get("model")
+        if node is None:
+            raise CheckpointError(
+                f"checkpoint {path} holds no model config; give the model's config (teacher.model=...)"
+            )
+        check_allowed_targets(node, (MODEL_TARGET,), path, "model", "model builder", built=True)
+        kwargs = {name: value for name, value in node.items() if name != "_target_"}
+        model = build_model(**{**kwargs, "pretrained": False})  # every weight comes from the checkpoint
+    load_model_state(model, evaluated_weights(state), f"checkpoint {path}")
+    return model.to(device).eval(), state
+
+
+def evaluated_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The weights a checkpoint's run evaluated: the EMA teacher's for a semi-supervised run that evaluates its
+    teacher (``ssl.evaluate=teacher``, the figure AugSeg reports), else the model's."""
+    ssl = (state.get("config") or {}).get("ssl") or {}
+    if state.get("ema") is not None and ssl.get("evaluate", "teacher") == "teacher":
+        return state["ema"]["model"]
+    return state["model"]
 
 
 def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
@@ -43,9 +153,9 @@ def stored_dataset(path: str, state: dict) -> DictConfig:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """``eval.py``: the checkpoint's model on the validation split of its data set (or ``cfg.dataset``)."""
-    from segjml.data import build_dataset, build_loader
+    from segjml.data import build_dataset, build_loader, class_names_of
     from segjml.data.transforms import BatchToDevice
-    from segjml.engine.inference import evaluate
+    from segjml.engine.inference import InferenceMode, evaluate, write_report
     from segjml.metrics import SegmentationMetrics
 
     device = resolve_device(cfg.device)
@@ -59,20 +169,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     val_set = build_dataset(data_cfg, "val", cfg.limit_samples)
     loader = build_loader(val_set, cfg.batch_size, False, cfg.num_workers)
     metrics = SegmentationMetrics(data_cfg.num_classes, data_cfg.ignore_index, **cfg.metrics)
-    names = [str(n) for n in (getattr(val_set, "class_names", None) or range(data_cfg.num_classes))]
-    return evaluate(
-        model,
-        loader,
-        metrics,
-        BatchToDevice(device, data_cfg.mean, data_cfg.std),
-        cfg.mode,
-        data_cfg.crop_size,
-        flip=cfg.flip,
-        scales=cfg.scales,
-        output_dir=cfg.paths.output_dir,
-        class_names=names,
-        title=f"{(state.get('config') or {}).get('name', '')} eval",
-    )
+    to_device = BatchToDevice(device, data_cfg.mean, data_cfg.std)
+    result = evaluate(model, loader, metrics, to_device, InferenceMode.from_config(cfg, data_cfg.crop_size))
+    title = f"{(state.get('config') or {}).get('name', '')} eval"
+    write_report(result, metrics, cfg.paths.output_dir, class_names_of(val_set, data_cfg.num_classes), title)
+    return result
 
 
 def predict_images(cfg: DictConfig) -> list[Path]:
@@ -85,7 +186,7 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     from segjml.data.errors import DataError
     from segjml.data.folder import read_image
     from segjml.data.transforms import BatchToDevice
-    from segjml.engine.inference import predict_probs
+    from segjml.engine.inference import InferenceMode
 
     device = resolve_device(cfg.device)
     model, state = load_trained(cfg.ckpt, device)
@@ -100,13 +201,14 @@ def predict_images(cfg: DictConfig) -> list[Path]:
         raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
     palette = torch.tensor(dataset_palette(data_cfg), dtype=torch.uint8)
     to_device = BatchToDevice(device, data_cfg.mean, data_cfg.std)
+    inference = InferenceMode.from_config(cfg, data_cfg.crop_size)
     colormap = matplotlib.colormaps["viridis"]
     out_dir = Path(cfg.paths.output_dir)
     written = []
     for path in files:
         image = read_image(path)
         x = to_device.images(torch.from_numpy(image).permute(2, 0, 1)[None])
-        probs = predict_probs(model, x, cfg.mode, data_cfg.crop_size, flip=cfg.flip, scales=cfg.scales)[0].cpu()
+        probs = inference.probs(model, x)[0].cpu()
         conf, pred = probs.max(0)
         colour = palette[pred].numpy()
         overlay = (cfg.overlay_alpha * colour + (1 - cfg.overlay_alpha) * image).round().astype("uint8")

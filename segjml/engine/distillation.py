@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segjml.engine.checkpoint import CheckpointError, load_trained
+from segjml.engine.checkpoint import CheckpointError
+from segjml.engine.commands import load_trained
 
 
 class TeacherError(RuntimeError):
@@ -35,7 +36,7 @@ def build_teacher(cfg: DictConfig, num_classes: int, device: torch.device) -> tu
     Returns the frozen teacher and the SHA-256 of its checkpoint (stored in the student's checkpoints).
 
     A model config stored in the checkpoint is the file's, built only through segjml's model builder
-    (:func:`segjml.engine.checkpoint.check_allowed_targets`); ``cfg.model`` is the user's own, built as given.
+    (:func:`segjml.engine.commands.check_allowed_targets`); ``cfg.model`` is the user's own, built as given.
 
     Raises:
         TeacherError: missing or unreadable checkpoint, a stored model config that would build anything but segjml's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,43 +95,66 @@ def predict_probs(
     return probs / n
 
 
+@dataclass(frozen=True)
+class InferenceMode:
+    """How a model's probabilities are made (:func:`predict_probs`): whole image or sliding windows of
+    ``crop_size`` (stride ``stride``, default 2/3 of the crop), with horizontal flip and image ``scales``, under
+    autocast to ``autocast_dtype`` (``None``: float32)."""
+
+    mode: str = "whole"
+    crop_size: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    autocast_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_config(
+        cls, cfg, crop_size: Sequence[int] | None, autocast_dtype: torch.dtype | None = None
+    ) -> InferenceMode:
+        """From a node with ``mode``, ``flip`` and ``scales`` (``trainer.eval``; ``eval.yaml`` / ``predict.yaml``) and
+        the data set's crop size (the windows of ``mode=slide``)."""
+        return cls(
+            mode=cfg.mode,
+            crop_size=None if crop_size is None else tuple(crop_size),
+            flip=bool(cfg.flip),
+            scales=tuple(cfg.scales),
+            autocast_dtype=autocast_dtype,
+        )
+
+    def probs(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """:func:`predict_probs` of ``image`` ``(B, 3, H, W)`` in this mode: ``(B, C, H, W)`` float32."""
+        with torch.autocast(image.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return predict_probs(model, image, self.mode, self.crop_size, self.stride, self.flip, self.scales)
+
+
+WHOLE_IMAGE = InferenceMode()
+"""One float32 forward pass of the whole image: the default of :func:`evaluate`."""
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
     metrics: SegmentationMetrics,
     to_device: BatchToDevice,
-    mode: str = "whole",
-    crop_size: Sequence[int] | None = None,
-    stride: Sequence[int] | None = None,
-    flip: bool = False,
-    scales: Sequence[float] = (1.0,),
-    autocast_dtype: torch.dtype | None = None,
+    inference: InferenceMode = WHOLE_IMAGE,
     progress: bool = True,
-    output_dir: str | Path | None = None,
-    class_names: Sequence[str] | None = None,
-    title: str = "",
 ) -> dict:
     """Run the model over ``loader`` and return ``metrics.compute()``; the model's train/eval mode is restored.
 
-    ``to_device`` moves each batch to the model's device and normalises its images.
-
-    With ``output_dir``, also print the per-class table and write ``metrics.json`` and ``reliability.png`` there.
+    ``to_device`` moves each batch to the model's device and normalises its images; ``inference`` says how the
+    probabilities are made. :func:`write_report` prints and writes the result.
     """
     was_training = model.training
     model.eval()
     metrics.reset()
-    device = to_device.device
-    metrics.to(device)
+    metrics.to(to_device.device)
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
         image, target = to_device(*batch)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            probs = predict_probs(model, image, mode, crop_size, stride, flip, scales)
-        metrics.update(probs, target)
+        metrics.update(inference.probs(model, image), target)
     result = metrics.compute()
     model.train(was_training)
-    if output_dir is not None:
-        write_report(result, metrics, output_dir, class_names, title)
     return result
 
 

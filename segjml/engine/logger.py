@@ -24,7 +24,9 @@ class RunLogger:
             import wandb
 
             kwargs = {k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "_target_"}
-            self.wandb = wandb.init(config=OmegaConf.to_container(cfg, resolve=True), resume="allow", **kwargs)
+            self.wandb = wandb.init(
+                config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resume="allow", **kwargs
+            )
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

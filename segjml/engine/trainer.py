@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -26,44 +25,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from segjml.data import DataError, build_dataset, build_loader
+from segjml.config import check_resumable_config, config_hash
+from segjml.data import DataError, build_dataset, build_loader, class_names_of
 from segjml.data.loader import shutdown_workers
 from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
-from segjml.engine.checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    check_resumable_config,
-    config_hash,
-    find_resumable,
-    load_checkpoint,
-    load_model_state,
-    restore_rng_state,
-    save_atomic,
-)
+from segjml.engine.checkpoint import CheckpointError, find_resumable, load_checkpoint, load_model_state, save_atomic
 from segjml.engine.distillation import build_teacher, teacher_logits
-from segjml.engine.inference import evaluate, write_report
+from segjml.engine.inference import InferenceMode, evaluate, write_report
 from segjml.engine.logger import RunLogger
 from segjml.engine.optim import build_optimizer
-from segjml.engine.ssl import SemiSupervised, build_ssl, labeled_subset, split_training_set, ssl_terms, step_generator
+from segjml.engine.ssl import SemiSupervised, build_ssl, ssl_terms, step_generator
 from segjml.engine.stopping import RunLock, RunLockedError, StopSignal, annotate, deferred_worker_deaths, worker_died
 from segjml.metrics import SegmentationMetrics
+from segjml.ssl.splits import labeled_subset, split_training_set
 from segjml.utils import build
+from segjml.utils.rng import capture_rng_state, restore_rng_state
+from segjml.utils.seeding import rank_seed, seed_everything
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s generators once the model is built: ``seed`` on rank 0 (a single process draws
-    exactly as before), a NumPy ``SeedSequence`` of ``(seed, rank)`` elsewhere."""
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+Micro = list[tuple[torch.Tensor, torch.Tensor]]  # the (images, labels) micro-batches of one step, on the device
+LossAndBackward = tuple[dict[str, torch.Tensor], Callable[[], None]]  # loss terms ("total" included), backward pass
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -111,6 +94,9 @@ class Run:
     metrics: SegmentationMetrics
     class_names: list[str]
     to_device: BatchToDevice  # a loader's uint8 batch -> normalised images (channels_last if set), int64 labels
+    # the step's kind: (run, micro, unlabeled, iteration) -> (loss terms, backward); plain_loss, accumulated_loss or
+    # ssl_loss, chosen by build_run
+    loss_of: Callable[[Run, Micro, torch.Tensor | None, int], LossAndBackward]
     ssl: SemiSupervised | None = None  # semi-supervised runs (cfg.ssl, segjml/engine/ssl.py)
     with_aux: bool = True  # whether the training forward pass runs the auxiliary head (the loss reads it)
 
@@ -198,7 +184,7 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
         dist, device = D.init_distributed(tcfg.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     train_set, unlabeled_set, val_set = build_datasets(cfg)
-    class_names = [str(n) for n in (getattr(val_set, "class_names", None) or range(cfg.dataset.num_classes))]
+    class_names = class_names_of(val_set, cfg.dataset.num_classes)
     pin = device.type == "cuda"
 
     def train_loader_of(dataset, batch_size: int, seed: int):
@@ -235,9 +221,10 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.precision == "fp16")
     metrics = SegmentationMetrics(cfg.dataset.num_classes, cfg.dataset.ignore_index, **cfg.metrics)
     to_device = BatchToDevice(device, cfg.dataset.mean, cfg.dataset.std, tcfg.channels_last)
-    ssl = None
+    ssl, loss_of = None, accumulated_loss if tcfg.accumulate_steps > 1 else plain_loss
     if cfg.get("ssl") is not None:  # the unlabeled stream shuffles with its own seed
         ssl = build_ssl(cfg, model, unlabeled_set, lambda ds, bs: train_loader_of(ds, bs, cfg.seed + 1), device)
+        loss_of = ssl_loss
     return Run(
         cfg=cfg,
         dist=dist,
@@ -255,13 +242,14 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
         metrics=metrics,
         class_names=class_names,
         to_device=to_device,
+        loss_of=loss_of,
         ssl=ssl,
         with_aux=with_aux,
     )
 
 
 def resolved_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def resume(run: Run) -> TrainState:
@@ -271,17 +259,21 @@ def resume(run: Run) -> TrainState:
     (``segjml.config.RUN_INDEPENDENT_KEYS``); ``trainer.allow_config_change=true`` accepts a difference on purpose.
     """
     tcfg = run.cfg.trainer
-    path = None
+    path, state = None, None
     if run.dist.is_main:  # one decision for every rank: on a lagging shared file system ranks could see other files
-        path = Path(tcfg.resume) if tcfg.resume else find_resumable(run.run_dir / "checkpoints" / "last.pt")
+        if tcfg.resume:
+            path = Path(tcfg.resume)
+        else:  # last.pt is read here, once, if it is readable
+            path, state = find_resumable(run.run_dir / "checkpoints" / "last.pt") or (None, None)
     if run.dist.enabled:
         shared = [path]
         torch.distributed.broadcast_object_list(shared, src=0)
         path = shared[0]
     if path is None:
         return TrainState()
-    # On the CPU: the RNG states must stay there, and load_state_dict moves every tensor where its module lives
-    state = load_checkpoint(path, map_location="cpu")
+    if state is None:
+        # On the CPU: the RNG states must stay there, and load_state_dict moves every tensor where its module lives
+        state = load_checkpoint(path, map_location="cpu")
     if not tcfg.allow_config_change:
         check_resumable_config(state.get("config"), resolved_config(run.cfg), str(path))
     if run.teacher_hash is not None and state.get("teacher_sha256") not in (None, run.teacher_hash):
@@ -340,12 +332,11 @@ def save_last(run: Run, state: TrainState) -> None:
     state.saved_at, state.saved_time = state.iteration, time.monotonic()
 
 
-def _student(run: Run, image: torch.Tensor, with_aux: bool | None = None) -> dict[str, torch.Tensor]:
-    """The student's outputs, cast to float32 for the loss (``with_aux=False``: main head only; default:
-    :attr:`Run.with_aux`)."""
+def _student(run: Run, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The student's outputs (main head, and the auxiliary head if :attr:`Run.with_aux`), in float32 for the loss."""
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-        aux = run.with_aux if with_aux is None else with_aux  # a model of one's own need not take with_aux=True
-        outputs = run.train_model(image) if aux else run.train_model(image, with_aux=False)
+        # a model of one's own need not take with_aux=True: the argument is passed only to turn the head off
+        outputs = run.train_model(image) if run.with_aux else run.train_model(image, with_aux=False)
     return {k: v.float() for k, v in outputs.items()}
 
 
@@ -358,11 +349,16 @@ def _forward(run: Run, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], di
     return outputs, teacher_logits(run.teacher, image, run.autocast_dtype, with_aux)
 
 
-def _backward(run: Run, loss: torch.Tensor) -> None:
-    run.scaler.scale(loss).backward()
+def plain_loss(run: Run, micro: Micro, unlabeled: torch.Tensor | None, iteration: int) -> LossAndBackward:
+    """The loss terms of one batch and its backward pass (the step of a run without accumulation or SSL)."""
+    ((image, target),) = micro
+    outputs, soft = _forward(run, image)
+    with D.full_float32_matmuls():  # losses in fp32, TF32 off
+        terms = run.criterion(outputs, target, soft)
+    return terms, lambda: run.scaler.scale(terms["total"]).backward()
 
 
-def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> bool:
+def loss_is_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> bool:
     """``True`` if the loss is finite on every rank; otherwise stop (default) or report a skipped step."""
     if D.all_true(bool(torch.isfinite(terms["total"])), run.dist, run.device):
         return True
@@ -373,130 +369,114 @@ def _check_finite(run: Run, terms: dict[str, torch.Tensor], iteration: int) -> b
     return False
 
 
-def _accumulated_backward(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], iteration: int):
-    """Loss and gradient of the whole batch ``micro`` (several micro-batches) with one micro-batch of activations.
+def optimizer_step(run: Run, state: TrainState) -> bool:
+    """``optimizer.step()`` through the AMP scaler (a plain step unless fp16); ``False`` if fp16 skipped it."""
+    scale = run.scaler.get_scale()  # 1.0 when the scaler is off
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    stepped = run.scaler.get_scale() >= scale  # the scale drops when a step was skipped
+    state.skipped["amp"] += int(not stepped)
+    return stepped
+
+
+def train_step(run: Run, state: TrainState, micro: Micro, unlabeled: torch.Tensor | None = None) -> dict:
+    """One optimizer step on the batch made of the micro-batches ``micro`` (and, in SSL runs, the unlabeled images
+    ``unlabeled``); returns the loss terms. ``run.loss_of`` is the step's kind, chosen once by :func:`build_run`:
+    :func:`plain_loss`, :func:`accumulated_loss` or :func:`ssl_loss`."""
+    iteration = state.iteration + 1
+    run.optimizer.zero_grad(set_to_none=True)
+    terms, backward = run.loss_of(run, micro, unlabeled, iteration)
+    stepped = False
+    if loss_is_finite(run, terms, iteration):
+        backward()
+        stepped = optimizer_step(run, state)
+    else:
+        state.skipped["nonfinite"] += 1
+    if stepped and run.ssl is not None:
+        run.ssl.after_step(run.model)  # the EMA teacher follows the student (not over a skipped step)
+    run.scheduler.step()
+    state.iteration = iteration
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def accumulated_loss(run: Run, micro: Micro, unlabeled: torch.Tensor | None, iteration: int) -> LossAndBackward:
+    """Loss of the whole batch ``micro`` (several micro-batches) and its backward pass, with one micro-batch of
+    activations at a time.
 
     The loss is computed once on the logits of the whole batch, so every term is exactly that of the full batch:
     the Jaccard statistics are summed over all micro-batches before the dataset-level mIoU^D loss (the same rule as
     ``sync_stats`` across processes), and CE is averaged over all pixels. Pass 1 runs the model without gradients
-    to collect the logits; pass 2 reruns each micro-batch (same RNG state, so the same dropout) and back-propagates
-    the loss's gradient with respect to its logits. BatchNorm running statistics are updated by pass 2 only. The
-    cost is one extra forward pass per micro-batch.
+    to collect the logits; pass 2 (the backward pass) reruns each micro-batch (same RNG state, so the same dropout)
+    and back-propagates the loss's gradient with respect to its logits. BatchNorm running statistics are updated by
+    pass 2 only. The cost is one extra forward pass per micro-batch.
     """
     model, devices = run.model, [run.device] if run.device.type == "cuda" else []
+
+    def rng_state():
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+    def set_rng_state(state) -> None:
+        torch.set_rng_state(state[0])
+        for d, s in zip(devices, state[1]):
+            torch.cuda.set_rng_state(s, d)
+
     running = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     rng, outputs, teacher = [], [], []
     with torch.no_grad():
         for image, _ in micro:
-            rng.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]))
+            rng.append(rng_state())
             out, soft = _forward(run, image)
             outputs.append(out)
             teacher.append(soft)
     model.load_state_dict(running, strict=False)
-    after = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
     full = {k: torch.cat([o[k] for o in outputs]).requires_grad_() for k in outputs[0]}
     target = torch.cat([t for _, t in micro])
     soft = {k: torch.cat([t[k] for t in teacher]) for k in teacher[0]} if run.teacher is not None else None
     with D.full_float32_matmuls():
         terms = run.criterion(full, target, soft)
-    if not _check_finite(run, terms, iteration):
-        return terms, False
-    keys = list(full)  # an output the loss does not read gets no gradient (allow_unused) and no surrogate term
-    grads = torch.autograd.grad(terms["total"], [full[k] for k in keys], allow_unused=True)
-    keys, grads = [k for k, g in zip(keys, grads) if g is not None], [g for g in grads if g is not None]
-    start = 0
-    for i, (image, _) in enumerate(micro):
-        cpu_state, cuda_states = rng[i]
-        torch.set_rng_state(cpu_state)
-        for d, s in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(s, d)
-        last = i == len(micro) - 1
-        sync = run.train_model.no_sync() if run.dist.enabled and not last else contextlib.nullcontext()
-        with sync:
-            out = _student(run, image)
-            end = start + image.shape[0]
-            surrogate = sum((out[k] * g[start:end]).sum() for k, g in zip(keys, grads))
-            _backward(run, surrogate)
-        start = end
-    torch.set_rng_state(after[0])
-    for d, s in zip(devices, after[1]):
-        torch.cuda.set_rng_state(s, d)
-    return {k: v.detach() for k, v in terms.items()}, True
+
+    def backward() -> None:
+        after = rng_state()
+        keys = list(full)  # an output the loss does not read gets no gradient (allow_unused) and no surrogate term
+        grads = torch.autograd.grad(terms["total"], [full[k] for k in keys], allow_unused=True)
+        keys, grads = [k for k, g in zip(keys, grads) if g is not None], [g for g in grads if g is not None]
+        start = 0
+        for i, (image, _) in enumerate(micro):
+            set_rng_state(rng[i])
+            last = i == len(micro) - 1
+            sync = run.train_model.no_sync() if run.dist.enabled and not last else contextlib.nullcontext()
+            with sync:
+                out = _student(run, image)
+                end = start + image.shape[0]
+                surrogate = sum((out[k] * g[start:end]).sum() for k, g in zip(keys, grads))
+                run.scaler.scale(surrogate).backward()
+            start = end
+        set_rng_state(after)
+
+    return terms, backward
 
 
-def _ssl_forward_backward(run: Run, labeled, image_u: torch.Tensor | None, iteration: int) -> tuple[dict, bool]:
-    """Loss terms of one semi-supervised step (``segjml/engine/ssl.py``) and their backward pass."""
+def ssl_loss(run: Run, micro: Micro, unlabeled: torch.Tensor | None, iteration: int) -> LossAndBackward:
+    """Loss terms of one semi-supervised step (``segjml/engine/ssl.py``; the student's main head only: SSL runs
+    have :attr:`Run.with_aux` off) and their backward pass."""
     generator = step_generator(run.cfg.seed, iteration, run.dist.rank)
-    # the SSL loss reads the main head only: no auxiliary output (its parameters would get no gradient under DDP)
-    student = lambda x: _student(run, x, with_aux=False)  # noqa: E731
-    terms = ssl_terms(run.ssl, student, labeled, image_u, generator, run.autocast_dtype)
-    run.optimizer.zero_grad(set_to_none=True)
-    ok = _check_finite(run, terms, iteration)
-    if ok:
-        _backward(run, terms["total"])
-    return {k: v.detach() for k, v in terms.items()}, ok
-
-
-def train_step(
-    run: Run,
-    state: TrainState,
-    micro: list[tuple[torch.Tensor, torch.Tensor]],
-    unlabeled: torch.Tensor | None = None,
-) -> dict:
-    """One optimizer step on the batch made of the micro-batches ``micro`` (and, in SSL runs, the unlabeled
-    images ``unlabeled``); returns the loss terms."""
-    iteration = state.iteration + 1
-    if run.ssl is not None:
-        terms, ok = _ssl_forward_backward(run, micro[0], unlabeled, iteration)
-    elif len(micro) == 1:
-        image, target = micro[0]
-        outputs, soft = _forward(run, image)
-        with D.full_float32_matmuls():  # losses in fp32, TF32 off
-            terms = run.criterion(outputs, target, soft)
-        run.optimizer.zero_grad(set_to_none=True)
-        ok = _check_finite(run, terms, iteration)
-        if ok:
-            _backward(run, terms["total"])
-    else:
-        run.optimizer.zero_grad(set_to_none=True)
-        terms, ok = _accumulated_backward(run, micro, iteration)
-    stepped = ok
-    if not ok:
-        state.skipped["nonfinite"] += 1
-        run.optimizer.zero_grad(set_to_none=True)
-    else:  # with the scaler off (fp32, bf16): optimizer.step(), and the scale stays 1.0
-        scale = run.scaler.get_scale()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        stepped = run.scaler.get_scale() >= scale  # the scale drops when a step was skipped
-        state.skipped["amp"] += int(not stepped)
-    if stepped and run.ssl is not None:
-        run.ssl.after_step(run.model)  # the EMA teacher follows the student (not over a skipped step)
-    run.scheduler.step()
-    state.iteration = iteration
-    return terms
+    terms = ssl_terms(run.ssl, lambda x: _student(run, x), micro[0], unlabeled, generator, run.autocast_dtype)
+    return terms, lambda: run.scaler.scale(terms["total"]).backward()
 
 
 def evaluate_run(run: Run, output_dir: Path | None = None) -> dict:
     """Evaluate the model on the validation split (every process takes its shard; metrics are all-reduced), in
     float32 as ``eval.py`` does, so the logged validation metrics are those ``eval.py`` gives for the checkpoint."""
     tcfg = run.cfg.trainer
+    model = run.ssl.eval_model(run.model) if run.ssl is not None else run.model
+    # float32 whatever trainer.precision (no autocast_dtype): the number eval.py reports for the checkpoint
+    inference = InferenceMode.from_config(tcfg.eval, run.cfg.dataset.crop_size)
+    progress = tcfg.progress and run.dist.is_main
     with D.cudnn_benchmark_off():
-        return evaluate(
-            run.ssl.eval_model(run.model) if run.ssl is not None else run.model,
-            run.val_loader,
-            run.metrics,
-            run.to_device,
-            tcfg.eval.mode,
-            run.cfg.dataset.crop_size,
-            flip=tcfg.eval.flip,
-            scales=tcfg.eval.scales,
-            autocast_dtype=None,  # float32 whatever trainer.precision: the number eval.py reports for the checkpoint
-            progress=tcfg.progress and run.dist.is_main,
-            output_dir=output_dir if run.dist.is_main else None,
-            class_names=run.class_names,
-            title=run.cfg.name,
-        )
+        result = evaluate(model, run.val_loader, run.metrics, run.to_device, inference, progress)
+    if output_dir is not None and run.dist.is_main:
+        write_report(result, run.metrics, output_dir, run.class_names, run.cfg.name)
+    return result
 
 
 def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> dict:

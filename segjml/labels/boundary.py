@@ -1,20 +1,40 @@
 """Boundary map of an integer label map (paper section 2.4.1; ``docs/losses.md``).
 
 Pixel ``i`` is a boundary pixel if some pixel ``j`` in its ``k x k`` neighbourhood has ``y_j != y_i``. Ignored pixels
-are never boundary pixels, and an ignored neighbour does not make a pixel boundary. The map is computed with two
-max-pools over the ``(B, H, W)`` label map: O(H * W * k^2) and independent of the number of classes (no one-hot).
+are never boundary pixels, and an ignored neighbour does not make a pixel boundary. The map compares each pixel with
+the largest and the smallest valid id in its window, each found separably (``k - 1`` element-wise maxima / minima of
+shifted rows, then as many of shifted columns): ``4 (k - 1)`` passes over the ``(B, H, W)`` int32 label map,
+O(B * H * W * k), independent of the number of classes (no one-hot).
 It is shared by boundary label smoothing and the boundary calibration metrics (BECE, BSCE).
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 import torch.nn.functional as F
 
 
-def _check_kernel(kernel_size: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"boundary kernel_size must be a positive odd integer, got {kernel_size}")
+def check_kernel_size(kernel_size: object, name: str = "kernel_size", allow_inf: bool = True) -> int | float:
+    """``kernel_size`` as an ``int``, or ``math.inf`` where ``allow_inf``; a one-line ValueError naming it ``name``
+    unless it is an odd positive integer (or inf). Text that reads as a number (``"5"``, ``"inf"``) is read as one.
+
+    The one check of a neighbourhood size: the boundary maps, boundary label smoothing and ``loss.bls.kernel_size``.
+    """
+    number = kernel_size
+    if isinstance(kernel_size, str):  # a config value or a command-line override may arrive as text
+        try:
+            number = float(kernel_size)
+        except ValueError:
+            pass
+    if isinstance(number, Real) and not isinstance(number, bool):
+        if number == math.inf and allow_inf:
+            return math.inf
+        if math.isfinite(number) and float(number).is_integer() and number >= 1 and int(number) % 2 == 1:
+            return int(number)
+    raise ValueError(f"{name}={kernel_size} must be an odd positive integer{' or inf' if allow_inf else ''}")
 
 
 def _sliding_extreme(x: torch.Tensor, k: int, fill: int, op) -> torch.Tensor:
@@ -40,7 +60,7 @@ def boundary_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int | 
         kernel_size: odd neighbourhood size ``k``; ``k = 1`` gives no boundary pixels.
         ignore_index: value of ignored pixels (never boundary, never make a neighbour boundary).
     """
-    _check_kernel(kernel_size)
+    kernel_size = check_kernel_size(kernel_size, allow_inf=False)
     lab = label.to(torch.int32)
     if kernel_size == 1:
         return torch.zeros_like(lab, dtype=torch.bool)
@@ -59,7 +79,7 @@ def near_ignore_map(label: torch.Tensor, kernel_size: int = 3, ignore_index: int
     The authors' released rule of boundary label smoothing (``strict_ignore``) never makes these pixels boundary
     pixels; they keep their one-hot label and still count in the loss.
     """
-    _check_kernel(kernel_size)
+    kernel_size = check_kernel_size(kernel_size, allow_inf=False)
     ignored = (label == ignore_index).to(torch.float32)
     squeeze = ignored.ndim == 2
     ignored = ignored[None, None] if squeeze else ignored[:, None]

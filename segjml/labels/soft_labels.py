@@ -15,7 +15,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from segjml.labels.boundary import boundary_map, near_ignore_map
+from segjml.labels.boundary import boundary_map, check_kernel_size, near_ignore_map
 
 
 def _is_number(value: object) -> bool:
@@ -28,21 +28,6 @@ def check_smoothing_eps(eps: object, name: str = "eps") -> None:
         raise ValueError(f"{name}={eps!r} is not a number in [0, 1]")
     if not 0.0 <= eps <= 1.0:  # also refuses NaN
         raise ValueError(f"{name}={eps} is outside [0, 1]")
-
-
-def check_kernel_size(kernel_size: object, name: str = "kernel_size") -> None:
-    """Raise a one-line ValueError unless ``kernel_size`` is an odd positive integer or ``math.inf``."""
-    ok = _is_number(kernel_size) and (
-        kernel_size == math.inf
-        or (
-            math.isfinite(kernel_size)
-            and float(kernel_size).is_integer()
-            and kernel_size >= 1
-            and int(kernel_size) % 2 == 1
-        )
-    )
-    if not ok:
-        raise ValueError(f"{name}={kernel_size} must be an odd positive integer or inf")
 
 
 def check_temperature(temperature: object, name: str = "temperature") -> None:
@@ -108,13 +93,13 @@ def boundary_label_smoothing(
         strict_ignore: the authors' rule above instead of the default.
     """
     check_smoothing_eps(eps)
-    check_kernel_size(kernel_size)
+    kernel_size = check_kernel_size(kernel_size)
     if math.isinf(kernel_size):
         mask = labels != ignore_index
     else:
-        mask = boundary_map(labels, int(kernel_size), ignore_index)
+        mask = boundary_map(labels, kernel_size, ignore_index)
         if strict_ignore:
-            mask = mask & ~near_ignore_map(labels, int(kernel_size), ignore_index)
+            mask = mask & ~near_ignore_map(labels, kernel_size, ignore_index)
     return SmoothedLabels(labels, mask.to(torch.get_default_dtype()) * eps, num_classes, ignore_index)
 
 

@@ -18,84 +18,26 @@ computed once per step and shared by the CE / KL and JML teacher terms.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
-from segjml.labels.soft_labels import (
-    boundary_label_smoothing,
-    check_kernel_size,
-    check_smoothing_eps,
-    check_temperature,
-    distillation_targets,
-)
+from segjml.labels.soft_labels import boundary_label_smoothing, distillation_targets
 from segjml.losses.cross_entropy import CrossEntropyLoss
 from segjml.losses.jaccard import JaccardMetricLoss
 from segjml.losses.lovasz import LovaszSoftmaxLoss
+from segjml.losses.schema import CriterionConfig, check_criterion
 from segjml.losses.validation import autocast_off, upcast
-
-BLS_KEYS = ("kernel_size", "eps", "strict_ignore")
-KD_MIXES = ("authors", "label_aux")
-KD_DEFAULTS: dict[str, Any] = {
-    "temperature": 1.0,
-    "ce_label": 0.5,
-    "ce_teacher": 0.5,
-    "jml_label": 0.5,
-    "jml_teacher": 0.5,
-    "active_classes": "LABEL",
-    "mix": "authors",
-}
-
-
-def check_weight(key: str, value: Any) -> None:
-    """The loss weight ``key`` (its config key) must be a real number >= 0; one-line ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
-        raise ValueError(f"{key}={value!r} is not a number; loss weights must be >= 0")
-    if value < 0:
-        raise ValueError(f"{key}={value} is negative; loss weights must be >= 0")
-
-
-def _check_keys(node: str, given: Mapping[str, Any], known: tuple[str, ...] | Mapping[str, Any]) -> None:
-    unknown = sorted(str(k) for k in given if k not in known)
-    if unknown:
-        raise ValueError(f"unknown key {node}.{unknown[0]}; {node} takes {', '.join(known)}")
-
-
-def _parse_kernel_size(value: Any) -> int | float:
-    """``loss.bls.kernel_size``: an odd positive integer, or ``inf`` (also as the text ``inf`` / ``infinity``)."""
-    number = value
-    if isinstance(value, str):  # a command-line override may arrive as text
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    try:
-        check_kernel_size(number)
-    except ValueError:
-        raise ValueError(f"loss.bls.kernel_size={value} must be an odd positive integer or inf") from None
-    return number if math.isinf(number) else int(number)
-
-
-def parse_bls(bls: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The checked ``loss.bls`` node (``{kernel_size, eps, strict_ignore}``, kernel size parsed), or ``None``."""
-    if not bls:
-        return None
-    bls = dict(bls)
-    _check_keys("loss.bls", bls, BLS_KEYS)
-    bls["kernel_size"] = _parse_kernel_size(bls.get("kernel_size", 3))
-    check_smoothing_eps(bls.get("eps", 0.5), "loss.bls.eps")
-    strict = bls.get("strict_ignore", False)
-    if not isinstance(strict, bool):
-        raise ValueError(f"loss.bls.strict_ignore={strict!r} must be true or false")
-    return bls
+from segjml.utils.schema import checked
 
 
 class SegmentationCriterion(nn.Module):
     """Weighted mix of CE and an IoU loss; ``forward`` returns a dict of named (unweighted) terms and ``total``.
+
+    The arguments are the ``loss`` node, checked by its schema (:class:`~segjml.losses.schema.CriterionConfig`): a
+    one-line ``ValueError`` names the config key of a refused value.
 
     Args:
         num_classes: ``C``.
@@ -106,7 +48,8 @@ class SegmentationCriterion(nn.Module):
         main_weight, aux_weight: CE weights of the main and auxiliary heads (0.5 / 0.5).
         iou_loss: ``jml`` (:class:`JaccardMetricLoss`, the variant set in ``jml``, weighted by ``jml_weight``) or
             ``lovasz`` (:class:`LovaszSoftmaxLoss`, weighted by ``lovasz_weight``).
-        jml: keyword arguments of :class:`JaccardMetricLoss`.
+        jml: options of :class:`JaccardMetricLoss` (:class:`~segjml.losses.schema.JMLConfig`), or ``None`` for its
+            defaults.
         bls: ``{kernel_size, eps, strict_ignore}`` for boundary label smoothing of the label target
             (``kernel_size: inf`` = plain label smoothing), or ``None``.
         kd: ``{temperature, ce_label, ce_teacher, jml_label, jml_teacher, active_classes, mix}`` (mu_L, mu_T, nu_L,
@@ -129,63 +72,34 @@ class SegmentationCriterion(nn.Module):
         lovasz_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        # every user-facing value is checked here, before any loss is built, and named by its config key
-        for key, value in (
-            ("ce_weight", ce_weight),
-            ("jml_weight", jml_weight),
-            ("lovasz_weight", lovasz_weight),
-            ("main_weight", main_weight),
-            ("aux_weight", aux_weight),
-        ):
-            check_weight(f"loss.{key}", value)
-        # each IoU loss has its own weight, so a preset never weights one loss under the other's name
-        if iou_loss == "lovasz" and jml_weight != 0:
-            raise ValueError(
-                f"loss.jml_weight={jml_weight} weights the Jaccard metric loss, unused with "
-                "loss.iou_loss=lovasz: weight the Lovasz-Softmax term with loss.lovasz_weight and set "
-                "loss.jml_weight=0 (or use loss=lovasz)"
-            )
-        if iou_loss == "jml" and lovasz_weight != 0:
-            raise ValueError(
-                f"loss.lovasz_weight={lovasz_weight} is only used with loss.iou_loss=lovasz; weight the "
-                "Jaccard metric loss with loss.jml_weight"
-            )
-        if iou_loss == "lovasz":
-            iou_key, iou_weight, iou_name = "lovasz_weight", lovasz_weight, "Lovasz-Softmax loss"
+        # the schema of the `loss` node checks every option before any loss is built, and names it by its config key
+        given = {
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+            "ce_weight": ce_weight,
+            "jml_weight": jml_weight,
+            "lovasz_weight": lovasz_weight,
+            "main_weight": main_weight,
+            "aux_weight": aux_weight,
+            "iou_loss": iou_loss,
+            "jml": jml,
+            "bls": bls,
+            "kd": kd,
+        }
+        options = checked(CriterionConfig, given, "loss")
+        check_criterion(options)
+        self.num_classes, self.ignore_index = options["num_classes"], options["ignore_index"]
+        self.ce_weight, self.jml_weight = options["ce_weight"], options["jml_weight"]
+        self.lovasz_weight = options["lovasz_weight"]
+        self.main_weight, self.aux_weight = options["main_weight"], options["aux_weight"]
+        self.bls: dict[str, Any] | None = options["bls"]  # {kernel_size, eps, strict_ignore}
+        self.kd: dict[str, Any] | None = options["kd"]  # {temperature, ce_label, ..., active_classes, mix}
+        self.ce = CrossEntropyLoss(self.ignore_index)
+        jml_args = {"ignore_index": self.ignore_index, **(options["jml"] or {})}
+        if options["iou_loss"] == "lovasz":
+            self.iou, self.iou_weight = LovaszSoftmaxLoss(self.ignore_index), self.lovasz_weight
         else:
-            iou_key, iou_weight, iou_name = "jml_weight", jml_weight, "Jaccard metric loss"
-        if ce_weight == 0 and iou_weight == 0:
-            raise ValueError(
-                f"loss.ce_weight and loss.{iou_key} are both 0: nothing would be trained; set "
-                f"loss.ce_weight > 0 (cross-entropy) and/or loss.{iou_key} > 0 ({iou_name})"
-            )
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.ce_weight, self.jml_weight, self.lovasz_weight = ce_weight, jml_weight, lovasz_weight
-        self.iou_weight = iou_weight  # the weight of the IoU term, whichever loss it is
-        self.main_weight, self.aux_weight = main_weight, aux_weight
-        self.bls = parse_bls(bls)
-        self.kd = None
-        if kd is not None:
-            _check_keys("loss.kd", kd, KD_DEFAULTS)
-            self.kd = {**KD_DEFAULTS, **dict(kd)}
-            check_temperature(self.kd["temperature"], "loss.kd.temperature")
-            for key in ("ce_label", "ce_teacher", "jml_label", "jml_teacher"):
-                check_weight(f"loss.kd.{key}", self.kd[key])
-            if self.kd["mix"] not in KD_MIXES:
-                raise ValueError(
-                    f"loss.kd.mix={self.kd['mix']!r} is not a distillation mix; set loss.kd.mix=authors (the aux head "
-                    "also distils from the teacher's aux head, KL at the temperature) or loss.kd.mix=label_aux"
-                )
-        self.ce = CrossEntropyLoss(ignore_index)
-        jml_args = {"ignore_index": ignore_index, **dict(jml or {})}
-        if iou_loss == "jml":
-            self.iou = JaccardMetricLoss(**jml_args)
-        elif iou_loss == "lovasz":
-            if self.bls is not None or self.kd is not None:
-                raise ValueError("loss.iou_loss=lovasz cannot take soft labels: remove loss.bls and loss.kd")
-            self.iou = LovaszSoftmaxLoss(ignore_index)
-        else:
-            raise ValueError(f"unknown loss.iou_loss '{iou_loss}'; choose 'jml' or 'lovasz'")
+            self.iou, self.iou_weight = JaccardMetricLoss(**jml_args), self.jml_weight
         self.iou_teacher = None
         if self.kd is not None:
             self.iou_teacher = JaccardMetricLoss(**{**jml_args, "active_classes": self.kd["active_classes"]})

@@ -125,14 +125,15 @@ def pixel_accuracy(confmat: torch.Tensor) -> torch.Tensor:
     return cm.diagonal().sum() / total if total > 0 else total * 0
 
 
-def mean_iou(iou: torch.Tensor) -> torch.Tensor:
-    """Mean of a ``(C,)`` per-class score over the classes where it is defined (not NaN); float64 scalar, 0 if none.
+def dataset_mean(scores: torch.Tensor) -> torch.Tensor:
+    """^D average: the mean of a ``(C,)`` per-class score of the data set's confusion matrix over the classes where it
+    is defined (not NaN); float64 scalar, 0 if none.
 
-    mIoU^D with ``iou_from_confusion`` (classes in the ground truth or the prediction); the same average gives
-    mAcc^D with ``accuracy_from_confusion`` (classes in the ground truth) and mDice^D with ``dice_from_confusion``.
+    mIoU^D with ``iou_from_confusion`` (classes in the ground truth or the prediction), mAcc^D with
+    ``accuracy_from_confusion`` (classes in the ground truth), mDice^D with ``dice_from_confusion``.
     """
-    present = ~iou.isnan()
-    return iou[present].mean() if present.any() else iou.new_zeros(())
+    present = ~scores.isnan()
+    return scores[present].mean() if present.any() else scores.new_zeros(())
 
 
 SCORES = ("acc", "iou", "dice")

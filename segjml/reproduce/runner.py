@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from segjml.reproduce.grid import ROOT, Grid, Run, quote
@@ -145,7 +145,8 @@ def execute(
     echo=print,
     jobs: int = 1,
 ) -> list[Run]:
-    """Run (or with ``dry_run`` list) every unfinished run of ``grid``; returns the runs that did not finish.
+    """Run (or with ``dry_run`` list) every unfinished run of ``grid``; returns the runs that did not finish (none
+    for a dry run).
 
     ``jobs``: with the ``local`` launcher, how many runs of a stage train side by side.
     """
@@ -157,52 +158,92 @@ def execute(
         f"# {len(runs)} runs in {len(grid.stages)} stage(s): {n_done} finished, {len(runs) - n_done} to run "
         f"(launcher: {launcher}, log_dir: {log_dir})"
     )
+    if dry_run:
+        list_grid(grid, launcher, log_dir, extra, echo)
+        return []
     t_start = time.perf_counter()
+    start = starter(launcher, jobs, log_dir, extra, echo)
     failed: list[Run] = []
-    for i, stage in enumerate(grid.stages):
-        steps = plan(stage, launcher, log_dir, extra)
-        if dry_run:
-            echo(
-                f"# stage {i + 1}/{len(grid.stages)}"
-                + (": KD teachers come first" if i == 0 and len(grid.stages) > 1 else "")
-            )
-            for status, _, cmd in steps:
-                echo(("# done: " if status == "done" else "") + show(cmd))
-            continue
-        pending: list[tuple[list[Run], subprocess.Popen]] = []
-        for status, step_runs, cmd in steps:
-            if status == "done":
-                continue
-            blocked = [r for r in step_runs if r.teacher is not None and not r.teacher.done(log_dir, extra)]
-            if blocked:
-                echo(f"# skip {', '.join(map(str, blocked))}: teacher run did not finish")
-                failed += blocked
-                step_runs = [r for r in step_runs if r not in blocked]
-                if not step_runs or launcher in ("local", "inprocess"):
-                    continue
-            while jobs > 1 and len(pending) >= jobs:  # wait for a free slot, so each line is printed as it starts
-                pending = _wait_any(pending)
-            echo(show(cmd))
-            if launcher == "inprocess":
-                try:
-                    run_inprocess(step_runs[0], log_dir, extra)
-                except Exception as err:  # one failed run must not stop the grid
-                    log.exception("run %s failed", step_runs[0])
-                    echo(f"# failed {step_runs[0]}: {err}")
-            elif launcher.startswith("submitit"):  # submitters: SLURM runs the stage's sweeps side by side
-                pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT)))
-            elif jobs > 1:
-                pending.append((step_runs, subprocess.Popen(cmd, cwd=ROOT, env=_thread_env(jobs))))
-            else:
-                subprocess.run(cmd, cwd=ROOT)
-        for _, proc in pending:
-            proc.wait()
-        failed += [r for r in stage if r not in failed and not r.done(log_dir, extra)]
-    if not dry_run:
-        echo(f"# grid finished in {time.perf_counter() - t_start:.0f} s; {len(failed)} run(s) did not finish")
-        for run in failed:
-            echo(f"#   {run}")
+    for stage in grid.stages:
+        failed += run_stage(stage, launcher, log_dir, extra, echo, jobs, start, failed)
+    echo(f"# grid finished in {time.perf_counter() - t_start:.0f} s; {len(failed)} run(s) did not finish")
+    for run in failed:
+        echo(f"#   {run}")
     return failed
+
+
+def list_grid(grid: Grid, launcher: str, log_dir: Path, extra: Sequence[str], echo=print) -> None:
+    """Print every stage's commands, finished runs marked ``# done:``."""
+    for i, stage in enumerate(grid.stages):
+        teachers_first = ": KD teachers come first" if i == 0 and len(grid.stages) > 1 else ""
+        echo(f"# stage {i + 1}/{len(grid.stages)}{teachers_first}")
+        for status, _, cmd in plan(stage, launcher, log_dir, extra):
+            echo(("# done: " if status == "done" else "") + show(cmd))
+
+
+Start = Callable[[list[Run], list[str]], subprocess.Popen | None]
+"""Starts one step (its runs, its command): its process if the step is left running, ``None`` once it is over."""
+
+
+def starter(launcher: str, jobs: int, log_dir: Path, extra: Sequence[str], echo=print) -> Start:
+    """How ``launcher`` starts a step: ``inprocess`` trains the step's run in this process; a submitit launcher's
+    sweep exits once its jobs are queued and ``local`` with ``jobs > 1`` runs side by side with a share of the cores
+    (both left running: the stage waits for them at its end); otherwise (``local``, another Hydra launcher) the step's
+    command runs to its end before the next one starts."""
+    if launcher == "inprocess":
+        return lambda step_runs, cmd: _train_here(step_runs[0], log_dir, extra, echo)
+    if launcher.startswith("submitit") or jobs > 1:
+        return lambda step_runs, cmd: subprocess.Popen(cmd, cwd=ROOT, env=_thread_env(jobs))
+    return lambda step_runs, cmd: _run_to_end(cmd)
+
+
+def _train_here(run: Run, log_dir: Path, extra: Sequence[str], echo) -> None:
+    try:
+        run_inprocess(run, log_dir, extra)
+    except Exception as err:  # one failed run must not stop the grid
+        log.exception("run %s failed", run)
+        echo(f"# failed {run}: {err}")
+
+
+def _run_to_end(cmd: Sequence[str]) -> None:
+    subprocess.run(cmd, cwd=ROOT)
+
+
+def run_stage(
+    stage: Sequence[Run],
+    launcher: str,
+    log_dir: Path,
+    extra: Sequence[str],
+    echo,
+    jobs: int,
+    start: Start,
+    failed: Sequence[Run] = (),
+) -> list[Run]:
+    """Train a stage's unfinished runs; the runs of the stage that did not finish and are not in ``failed`` already.
+
+    A run whose KD teacher did not finish is skipped (a sweep still runs for its other runs)."""
+    skipped: list[Run] = []
+    pending: list[tuple[list[Run], subprocess.Popen]] = []
+    for status, step_runs, cmd in plan(stage, launcher, log_dir, extra):
+        if status == "done":
+            continue
+        blocked = [r for r in step_runs if r.teacher is not None and not r.teacher.done(log_dir, extra)]
+        if blocked:
+            echo(f"# skip {', '.join(map(str, blocked))}: teacher run did not finish")
+            skipped += blocked
+            step_runs = [r for r in step_runs if r not in blocked]
+            if not step_runs:
+                continue
+        while jobs > 1 and len(pending) >= jobs:  # wait for a free slot, so each line is printed as it starts
+            pending = _wait_any(pending)
+        echo(show(cmd))
+        proc = start(step_runs, cmd)
+        if proc is not None:
+            pending.append((step_runs, proc))
+    for _, proc in pending:
+        proc.wait()
+    known = [*failed, *skipped]
+    return skipped + [r for r in stage if r not in known and not r.done(log_dir, extra)]
 
 
 def _wait_any(pending: list[tuple[list[Run], subprocess.Popen]]) -> list[tuple[list[Run], subprocess.Popen]]:

@@ -1,35 +1,38 @@
 """The mean teacher of JML-SSL: an exponential moving average (EMA) of the student's weights (paper Appendix I, ``T``
-of eq. 62-63; AugSeg, Zhao et al., CVPR 2023).
+of eq. 62-63; AugSeg, Zhao et al., CVPR 2023), kept by timm's ``ModelEmaV3``.
 
-After every optimiser step, ``t <- d * t + (1 - d) * s`` for every parameter and floating-point buffer (BatchNorm's
-running mean / var); integer buffers (BatchNorm's ``num_batches_tracked``) are copied. With ``warmup`` the decay of
-the update that follows ``n`` earlier updates is ``d_n = min(decay, 1 - 1 / (n + 1))``: 0 on the first update (the
-teacher becomes the student), then 1/2, 2/3, ... up to ``decay``; AugSeg's trainer does this with ``decay = 0.999``.
-Without ``warmup`` (the default) ``d_n = decay`` and, after ``n`` updates with the student held at ``s``, a parameter
-is ``d^n * t_0 + (1 - d^n) * s`` (the closed form the tests check).
+After every optimiser step, ``t <- d * t + (1 - d) * s`` for every floating-point entry of the state dict (parameters,
+BatchNorm's running mean / var), one fused ``torch._foreach_lerp_``; integer entries (BatchNorm's
+``num_batches_tracked``) are copied. With ``warmup`` the decay of the update that follows ``n`` earlier updates is
+AugSeg's ``d_n = min(decay, 1 - 1 / (n + 1))``: 0 on the first update (the teacher becomes the student), then 1/2,
+2/3, ... up to ``decay`` (AugSeg's trainer uses ``decay = 0.999``). Without ``warmup`` (the default) ``d_n = decay``
+and, after ``n`` updates with the student held at ``s``, a parameter is ``d^n * t_0 + (1 - d^n) * s``.
 
-The teacher is a deep copy of the student in float32, never trained (``requires_grad=False``, always in eval mode:
-BatchNorm normalises with its EMA running statistics and dropout is off, as AugSeg's ``model_teacher.eval()``), never
-wrapped in DDP and run under ``torch.no_grad``. The update draws no random numbers and reads only the student's
-weights, so ranks that hold identical students hold identical teachers. DDP keeps parameters identical; BatchNorm
-running statistics are identical only with SyncBatchNorm (AugSeg uses it; segjml's ``trainer.sync_bn``) or when the
-buffers are synchronised before the update.
+How that maps onto ``ModelEmaV3`` (whose update is the same: floating-point state-dict entries lerped by one foreach
+call, the others copied). Its warm-up decay for ``update(model, step)`` is ``1 - (1 + (step - 1) / gamma) ** -power``
+(``0`` for ``step <= 1``), capped at ``decay``: with ``gamma = power = 1`` and ``step = n + 1`` (``step`` counts the
+update being made, from 1) it is ``1 - 1 / (n + 1)``, AugSeg's schedule (the tests check every step up to 10^5 bit
+for bit). Without warm-up the step is not passed: ``ModelEmaV3`` would also return 0 for ``step = 1``, where AugSeg
+(and ``warmup=False`` here) use ``decay`` from the first update. What this class adds: the step count
+(``num_updates``, saved with the weights), a check that the student's state dict has the teacher's names in the same
+order (``ModelEmaV3`` pairs the two by position), ``requires_grad=False`` on the copy, and a state
+dict of plain entries (``model``, ``num_updates``, ``decay``, ``warmup``) rather than a module's.
 
-The update is one fused ``torch._foreach_lerp_`` per (device, dtype) group of float tensors, ``t + (1 - d) (s - t)``
-(the same average up to float rounding), not one kernel launch per tensor. timm's ``ModelEmaV3`` has the same
-foreach update, and its warm-up ``1 - (1 + n / gamma) ** -power`` is ours with ``gamma = power = 1``; it is not used
-because it pairs teacher and student tensors by their position in the state dict (a mismatched student would be
-averaged into the wrong tensors instead of refused), and because it is an ``nn.Module`` whose state (``module.*``
-keys, the step count kept by the caller) would change the checkpoints' ``ema`` entry.
+The teacher is a deep copy of the student in float32, never trained, always in eval mode (BatchNorm normalises with
+its EMA running statistics and dropout is off, as AugSeg's ``model_teacher.eval()``), never wrapped in DDP and run
+under ``torch.no_grad``. The update draws no random numbers and reads only the student's weights, so ranks that hold
+identical students hold identical teachers. DDP keeps parameters identical; BatchNorm running statistics are identical
+only with SyncBatchNorm (AugSeg uses it; segjml's ``trainer.sync_bn``) or when the buffers are synchronised before the
+update.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 
@@ -51,7 +54,7 @@ class EMATeacher:
         warmup: use ``d_n = min(decay, 1 - 1 / (n + 1))`` for the update after ``n`` earlier ones (AugSeg does).
 
     Attributes:
-        model: the teacher module (float32, eval mode, no gradients).
+        ema: the ``timm.utils.ModelEmaV3`` that holds and updates the copy.
         num_updates: how many updates have been applied (saved in :meth:`state_dict`).
     """
 
@@ -62,47 +65,40 @@ class EMATeacher:
         if not isinstance(warmup, bool):
             raise ValueError(f"ema warmup={warmup!r} must be true or false")
         self.decay, self.warmup = float(decay), warmup
-        self.model = copy.deepcopy(student).float().eval().requires_grad_(False)
+        # gamma = power = 1: AugSeg's 1 - 1 / (n + 1) (module docstring)
+        self.ema = ModelEmaV3(student, self.decay, use_warmup=warmup, warmup_gamma=1.0, warmup_power=1.0)
+        self.ema.module.float().eval().requires_grad_(False)
         self.num_updates = 0
+
+    @property
+    def model(self) -> nn.Module:
+        """The teacher module (float32, eval mode, no gradients)."""
+        return self.ema.module
+
+    def _step(self) -> int | None:
+        """``ModelEmaV3``'s ``step`` of the next update: its number from 1 with warm-up, none without."""
+        return self.num_updates + 1 if self.warmup else None
 
     def current_decay(self) -> float:
         """The decay the next :meth:`update` applies."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, 1.0 - 1.0 / (self.num_updates + 1))
+        return self.ema.get_decay(self._step())
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        """``t <- d * t + (1 - d) * s`` for parameters and float buffers (fused per device and dtype), ``t <- s`` for
-        integer buffers.
+        """``t <- d * t + (1 - d) * s`` for parameters and float buffers (fused), ``t <- s`` for integer buffers.
 
         Call once after every optimiser step, with the same (unwrapped) student module.
         """
         _check_unwrapped(student)
-        d = self.current_decay()
-        pairs = (
-            (self.model.named_parameters(), student.named_parameters(), "parameter"),
-            (self.model.named_buffers(), student.named_buffers(), "buffer"),
-        )
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for teacher_items, student_items, kind in pairs:
-            teacher_dict, student_dict = dict(teacher_items), dict(student_items)
-            if teacher_dict.keys() != student_dict.keys():
-                missing = sorted(teacher_dict.keys() ^ student_dict.keys())
-                raise ValueError(
-                    f"the student's {kind}s do not match the EMA teacher's (e.g. {missing[0]!r}): update the teacher "
-                    "with the model it was built from"
-                )
-            for name, t in teacher_dict.items():
-                s = student_dict[name].detach().to(device=t.device, dtype=t.dtype)  # no copy when they agree
-                if t.is_floating_point():
-                    targets, sources = groups.setdefault((t.device, t.dtype), ([], []))
-                    targets.append(t)
-                    sources.append(s)
-                else:
-                    t.copy_(s)
-        for targets, sources in groups.values():  # one fused kernel per group: t <- t + (1 - d) (s - t)
-            torch._foreach_lerp_(targets, sources, weight=1.0 - d)
+        # ModelEmaV3 pairs the two state dicts entry by entry: they must hold the same names in the same order
+        names, expected = list(student.state_dict()), list(self.model.state_dict())
+        if names != expected:
+            first = next((a, b) for a, b in zip([*names, None], [*expected, None]) if a != b)
+            raise ValueError(
+                f"the student's state dict entries do not match the EMA teacher's (student {first[0]!r}, teacher "
+                f"{first[1]!r}): update the teacher with the model it was built from"
+            )
+        self.ema.update(student, step=self._step())
         self.num_updates += 1
 
     @torch.no_grad()

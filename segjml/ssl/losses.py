@@ -23,21 +23,21 @@ import torch
 from torch import nn
 
 from segjml.labels.soft_labels import boundary_label_smoothing
-from segjml.losses.criterion import check_weight, parse_bls
 from segjml.losses.cross_entropy import CrossEntropyLoss
 from segjml.losses.jaccard import JaccardMetricLoss
+from segjml.losses.schema import CriterionConfig, SSLLossConfig
+from segjml.utils.schema import checked
 
-PSEUDO_LABELS = ("soft", "hard")
-CE_U_MEANS = ("kept", "all")
 TERMS = ("ce_s", "ce_u", "jml_s", "jml_u")
 
 
 class SSLLoss(nn.Module):
     """CE + JML on labeled and unlabeled images, weighted as eq. 64.
 
-    ``forward(student_logits_s, labels_s, student_logits_u, teacher_probs_u, valid_u=None)`` returns
-    ``(total, terms)``; ``terms`` holds the unweighted ``ce_s``, ``ce_u``, ``jml_s``, ``jml_u`` (a term whose weight
-    is 0 is neither computed nor returned).
+    ``forward(student_logits_s, labels_s, student_logits_u, teacher_probs_u, valid_u=None)`` returns, as
+    :class:`~segjml.losses.SegmentationCriterion` does, a dict of the unweighted terms ``ce_s``, ``ce_u``, ``jml_s``,
+    ``jml_u`` (a term whose weight is 0 is neither computed nor returned) and their weighted sum ``total``. The
+    options are checked by the schemas of the ``loss`` and ``ssl`` nodes (:mod:`segjml.losses.schema`).
 
     Args:
         ignore_index: ignored label value.
@@ -70,37 +70,33 @@ class SSLLoss(nn.Module):
         jml: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        weights = {
-            "ce_weight": ce_weight,
-            "jml_weight": jml_weight,
+        # lambda_CE, lambda_JML, BLS and the JML options come from `loss`, the others from `ssl`
+        loss = {"ce_weight": ce_weight, "jml_weight": jml_weight, "bls": bls, "jml": jml}
+        loss = checked(CriterionConfig, loss, "loss")
+        ssl = {
             "eta_s": eta_s,
             "eta_u": eta_u,
             "theta_s": theta_s,
             "theta_u": theta_u,
+            "confidence_threshold": confidence_threshold,
+            "pseudo_label": pseudo_label,
+            "ce_u_mean_over": ce_u_mean_over,
         }
-        for key, value in weights.items():  # lambda_CE / lambda_JML come from `loss`, the others from `ssl`
-            check_weight(f"{'loss' if key.endswith('_weight') else 'ssl'}.{key}", value)
+        ssl = checked(SSLLossConfig, ssl, "ssl")
         # the weight of each term in the total (eq. 64 expanded)
         self.term_weights = {
-            "ce_s": ce_weight * eta_s,
-            "ce_u": ce_weight * eta_u,
-            "jml_s": jml_weight * theta_s,
-            "jml_u": jml_weight * theta_u,
+            "ce_s": loss["ce_weight"] * ssl["eta_s"],
+            "ce_u": loss["ce_weight"] * ssl["eta_u"],
+            "jml_s": loss["jml_weight"] * ssl["theta_s"],
+            "jml_u": loss["jml_weight"] * ssl["theta_u"],
         }
         if not any(self.term_weights.values()):
             raise ValueError("every SSL loss term has weight 0: nothing would be trained; set the loss weights > 0")
-        check_weight("ssl.confidence_threshold", confidence_threshold)
-        if confidence_threshold > 1:
-            raise ValueError(f"ssl.confidence_threshold={confidence_threshold} must be in [0, 1] (AugSeg: 0.95)")
-        if pseudo_label not in PSEUDO_LABELS:
-            raise ValueError(f"ssl.pseudo_label={pseudo_label!r} must be 'soft' (teacher probabilities) or 'hard'")
-        if ce_u_mean_over not in CE_U_MEANS:
-            raise ValueError(f"ssl.ce_u_mean_over={ce_u_mean_over!r} must be 'kept' (segjml) or 'all' (AugSeg)")
-        self.bls = parse_bls(bls)
-        self.ignore_index, self.confidence_threshold = ignore_index, float(confidence_threshold)
-        self.pseudo_label, self.ce_u_mean_over = pseudo_label, ce_u_mean_over
+        self.bls = loss["bls"]
+        self.ignore_index, self.confidence_threshold = ignore_index, ssl["confidence_threshold"]
+        self.pseudo_label, self.ce_u_mean_over = ssl["pseudo_label"], ssl["ce_u_mean_over"]
         self.ce = CrossEntropyLoss(ignore_index)
-        self.jml = JaccardMetricLoss(**{"ignore_index": ignore_index, **dict(jml or {})})
+        self.jml = JaccardMetricLoss(**{"ignore_index": ignore_index, **(loss["jml"] or {})})
 
     def _smooth(self, labels: torch.Tensor, num_classes: int):
         if self.bls is None:
@@ -126,7 +122,7 @@ class SSLLoss(nn.Module):
         student_logits_u: torch.Tensor,
         teacher_probs_u: torch.Tensor,
         valid_u: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> dict[str, torch.Tensor]:
         """Args:
         student_logits_s: ``(B_s, C, H, W)`` the student's main-head logits on the labeled images.
         labels_s: ``(B_s, H, W)`` int64 labels, ``ignore_index`` where ignored.
@@ -161,5 +157,5 @@ class SSLLoss(nn.Module):
                 terms["ce_u"] = ce_u
             if w["jml_u"]:
                 terms["jml_u"] = self.jml(student_logits_u, target_u, keep)
-        total = sum(w[name] * value for name, value in terms.items())
-        return total, terms
+        terms["total"] = sum(w[name] * value for name, value in terms.items())
+        return terms

@@ -8,6 +8,10 @@ Two ways to get the labeled images:
 - :func:`labeled_indices`: a seeded draw of a count or a fraction of the images, optionally class-balanced.
 
 :func:`unlabeled_indices` is the complement. Every function returns sorted dataset indices.
+
+:func:`split_training_set` applies ``dataset.labeled`` to a training set (a count, a fraction or a split file) and
+:func:`labeled_subset` makes a split's ``Subset``; :func:`image_ids` and :func:`class_presence` read what they need
+from the data set.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, Subset
+
+from segjml.data.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -183,3 +191,87 @@ def read_split_file(path: str | Path, ids: Sequence[str | Path]) -> list[int]:
     if not out:
         raise ValueError(f"split file {path} lists no images")
     return sorted(out)
+
+
+def _is_count_or_fraction(value) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    try:
+        Fraction(str(value))
+        return True
+    except ValueError:
+        return False
+
+
+def _base(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The data set under any ``Subset`` wrappers and the base indices of ``dataset``'s samples."""
+    indices = list(range(len(dataset)))
+    while isinstance(dataset, Subset):
+        indices = [dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def image_ids(dataset: Dataset) -> list[str]:
+    """Each image's id (its file name without suffix), in index order; a data set without files numbers them."""
+    base, indices = _base(dataset)
+    samples = getattr(base, "samples", None)
+    if samples is None:
+        return [str(i) for i in indices]
+    return [Path(samples[i][0]).stem for i in indices]
+
+
+def _label(base: Dataset, index: int) -> np.ndarray:
+    """One raw label map; folder data sets read the label file only (not the image)."""
+    if hasattr(base, "samples") and hasattr(base, "read_raw_label"):
+        path = Path(base.samples[index][1])
+        return base.decode_label(base.read_raw_label(path), path)
+    return np.asarray(base[index][1])
+
+
+def class_presence(dataset: Dataset, num_classes: int, ignore_index: int) -> np.ndarray:
+    """``(N, C)`` bool: which classes each image's label holds (reads every label once, without augmentation).
+
+    This reads the labels of the images that end up unlabeled too, as any class-balanced split does; the published
+    split files (``dataset.labeled=<file>``) need no labels."""
+    base, indices = _base(dataset)
+    presence = np.zeros((len(indices), num_classes), dtype=bool)
+    for i, index in enumerate(indices):
+        label = _label(base, index).reshape(-1)
+        label = label[label != ignore_index]
+        presence[i, np.unique(label[label < num_classes]).astype(np.int64)] = True
+    return presence
+
+
+def split_training_set(dcfg: DictConfig, raw_train: Dataset) -> tuple[list[int], list[int]]:
+    """Labeled and unlabeled image indices of the training set for ``dataset.labeled``.
+
+    ``dataset.labeled``: a count (``92``), a fraction (``0.05`` or ``"1/16"``: ``ceil(fraction * N)`` images), or the
+    path of a split file (one image id per line, as the published VOC / Cityscapes lists). A count or fraction draws a
+    class-balanced split, deterministic for ``dataset.labeled_seed`` (``segjml.ssl.splits.labeled_indices``).
+    ``raw_train`` is the training set without its pipeline (labels are read for the balance).
+    """
+    labeled = dcfg.labeled
+    n = len(raw_train)
+    if _is_count_or_fraction(labeled):
+        count = split_size(n, labeled)
+        presence = class_presence(raw_train, dcfg.num_classes, dcfg.ignore_index)
+        lab = labeled_indices(n, count, seed=int(dcfg.get("labeled_seed", 0)), class_presence=presence)
+    else:
+        path = Path(str(labeled))
+        if not path.is_file():
+            raise DataError(
+                f"dataset.labeled={labeled}: no such split file; get the published lists (docs/ssl.md) or give a "
+                "count (92) or a fraction (1/16)"
+            )
+        lab = read_split_file(path, image_ids(raw_train))
+    return sorted(lab), unlabeled_indices(n, lab)
+
+
+def labeled_subset(dataset: Dataset, indices: list[int]) -> Subset:
+    """``dataset``'s samples ``indices`` as one ``Subset`` of the base data set (nested subsets are flattened, so
+    ``SeededSamples`` finds the pipeline it seeds)."""
+    base, base_indices = _base(dataset)
+    subset = Subset(base, [base_indices[i] for i in indices])
+    subset.class_names = getattr(base, "class_names", None)
+    return subset
