@@ -213,7 +213,10 @@ def test_kd_with_accumulation_gives_the_loss_and_gradient_of_the_whole_batch(tea
     def run_and_step(micro):
         torch.manual_seed(0)
         overrides = ["debug=fast", "loss=ce_jml_kd", f"teacher.checkpoint={teacher_checkpoint}", "optimizer.lr=0.0"]
-        run = build_run(compose_config([*overrides, "optimizer.weight_decay=0.0", "trainer.batch_size=8"], tmp_path))
+        steps = f"trainer.accumulate_steps={len(micro)}"  # several micro-batches: build_run picks the accumulating step
+        run = build_run(
+            compose_config([*overrides, "optimizer.weight_decay=0.0", "trainer.batch_size=8", steps], tmp_path)
+        )
         run.model.train()
         for m in run.model.modules():  # as in test_accumulation.py: per-micro-batch statistics and dropout off
             if isinstance(m, (_BatchNorm, torch.nn.Dropout2d)):

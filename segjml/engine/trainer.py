@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from segjml.config import check_resumable_config, config_hash
+from segjml.config import check_resumable_config, config_hash, to_plain
 from segjml.data import DataError, build_dataset, build_loader, class_names_of
 from segjml.data.loader import shutdown_workers
 from segjml.data.transforms import BatchToDevice
@@ -248,10 +248,6 @@ def build_run(cfg: DictConfig, dist: D.DistInfo | None = None, device: torch.dev
     )
 
 
-def resolved_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
 def resume(run: Run) -> TrainState:
     """Restore an explicit ``trainer.resume``, else this run directory's ``last.pt`` if it is readable.
 
@@ -275,7 +271,7 @@ def resume(run: Run) -> TrainState:
         # On the CPU: the RNG states must stay there, and load_state_dict moves every tensor where its module lives
         state = load_checkpoint(path, map_location="cpu")
     if not tcfg.allow_config_change:
-        check_resumable_config(state.get("config"), resolved_config(run.cfg), str(path))
+        check_resumable_config(state.get("config"), to_plain(run.cfg), str(path))
     if run.teacher_hash is not None and state.get("teacher_sha256") not in (None, run.teacher_hash):
         raise CheckpointError(f"{path} was trained with another teacher than {run.cfg.teacher.checkpoint}")
     load_model_state(run.model, state["model"], str(path))
@@ -306,7 +302,7 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> None:
         torch.distributed.all_gather_object(rng, mine)
     if not run.dist.is_main:
         return
-    config = resolved_config(run.cfg)
+    config = to_plain(run.cfg)
     save_atomic(
         {
             "model": run.model.state_dict(),
