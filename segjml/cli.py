@@ -84,6 +84,42 @@ def config_refusal(err: BaseException) -> str | None:
     return config_error(cause)
 
 
+def null_parent_refusal(config_name: str, overrides: list[str]) -> str | None:
+    """The line for the first command-line override that sets a key under a node the config leaves null
+    (``loss.kd.mix=authors`` with a loss that does not distil), or ``None`` if no override does.
+
+    The config is composed again with the group choices only (``experiment=``, ``loss=``, ...), which is what makes
+    a node null; a dotted override names a value inside it.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from segjml.config import CONFIG_DIR, compose
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+        values = [o for o in parsed if "." in o.key_or_group and o.package is None and not o.is_delete()]
+        GlobalHydra.instance().clear()
+        cfg = compose([o.input_line for o in parsed if o not in values], config_name)
+    except Exception:  # the choices themselves do not compose: Hydra's own error stands
+        return None
+    absent = object()
+    for override in values:
+        parts = override.key_or_group.split(".")
+        for depth in range(1, len(parts)):
+            node = ".".join(parts[:depth])
+            if OmegaConf.select(cfg, node, default=absent) is None:
+                group = node.replace(".", "/")  # loss.kd is filled by the group loss/kd, when there is one
+                options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+                turn_on = f"add +{group}={options[0]} before it" if options else f"set {node} first"
+                return (
+                    f"{override.input_line.lstrip('+')} sets a key under {node}, which is null (off) in this config; "
+                    f"{turn_on}, or choose a preset that sets {node}"
+                )
+    return None
+
+
 def guarded(cfg: DictConfig, fn: Callable[[], Any]) -> Any:
     """Run ``fn``; an input error becomes ``error: <one line>`` on stderr and exit code 2."""
     try:
@@ -176,6 +212,13 @@ def _hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Any:
         if isinstance(err.__cause__, Exception):
             print(err.__cause__, file=sys.stderr)
         sys.exit(1)
+    except Exception:
+        # OmegaConf cannot apply `a.b.c=v` where a.b is null (an AssertionError, not a Hydra error): name the key
+        refusal = None if started or full_error == "1" else null_parent_refusal(config_name, sys.argv[1:])
+        if refusal is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -309,3 +309,40 @@ def test_train_py_refuses_a_schema_error_at_composition_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: loss.jml.variant=jml3 is not one of jml1, jml2, sjl_l1, sjl_l2"]
     assert "Traceback" not in proc.stdout + proc.stderr and not list(tmp_path.rglob("error.log"))
+
+
+def test_a_key_added_at_the_top_of_the_loss_is_refused_with_the_keys_it_takes(tmp_path, capsys):
+    line = fails_in_one_line(compose_config([*FAST, "+loss.foo=1"], tmp_path), capsys)
+    assert line == (
+        "error: unknown key loss.foo; loss takes num_classes, ignore_index, ce_weight, jml_weight, lovasz_weight, "
+        "main_weight, aux_weight, iou_loss, jml, bls, kd"
+    )
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        (
+            "loss.kd.mix=authors",
+            "error: loss.kd.mix=authors sets a key under loss.kd, which is null (off) in this config; "
+            "add +loss/kd=default before it, or choose a preset that sets loss.kd",
+        ),
+        (
+            "+loss.bls.eps=0.1",
+            "error: loss.bls.eps=0.1 sets a key under loss.bls, which is null (off) in this config; "
+            "add +loss/bls=default before it, or choose a preset that sets loss.bls",
+        ),
+    ],
+)
+def test_train_py_names_a_key_set_under_a_node_the_config_leaves_null(tmp_path, override, line):
+    """OmegaConf cannot apply ``loss.kd.mix=...`` when ``loss.kd`` is null (it raises an AssertionError)."""
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"paths.log_dir={tmp_path}", *FAST, "loss=ce_jml", override],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [line]
+    assert not list(tmp_path.rglob("error.log"))

@@ -55,6 +55,7 @@ class SegmentationCriterion(nn.Module):
         kd: ``{temperature, ce_label, ce_teacher, jml_label, jml_teacher, active_classes, mix}`` (mu_L, mu_T, nu_L,
             nu_T; JML(S, T) uses ``active_classes``, ``LABEL`` in the paper; ``mix`` is ``authors`` or
             ``label_aux``, see the module docstring), or ``None`` without a teacher.
+        unknown: no other key is taken; one given (``+loss.foo=1``) is refused with the keys the schema takes.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class SegmentationCriterion(nn.Module):
         bls: Mapping[str, Any] | None = None,
         kd: Mapping[str, Any] | None = None,
         lovasz_weight: float = 0.0,
+        **unknown: Any,
     ) -> None:
         super().__init__()
         # the schema of the `loss` node checks every option before any loss is built, and names it by its config key
@@ -85,6 +87,7 @@ class SegmentationCriterion(nn.Module):
             "jml": jml,
             "bls": bls,
             "kd": kd,
+            **unknown,  # a key added with `+loss.<key>=...`: refused by the schema with the keys it takes
         }
         options = checked(CriterionConfig, given, "loss")
         check_criterion(options)

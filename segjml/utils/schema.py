@@ -86,7 +86,8 @@ def config_error(err: OmegaConfBaseException, node: str = "") -> str:
         return f"{key}: {first}" if key else first
     parent = key.rsplit(".", 1)[0] if "." in key else (node or "the config")
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        return f"unknown key {key}; {parent} takes {', '.join(_fields(schema))}"
+        takes = [name for name in _fields(schema) if name != "_target_"]  # Hydra's, not an option
+        return f"unknown key {key}; {parent} takes {', '.join(takes)}"
     spec, expected = _fields(schema).get(str(err.key)), _field_type(schema, str(err.key))
     value = err.value
     if spec is not None and "check" in spec.metadata:
