@@ -45,6 +45,22 @@ def teacher_checkpoint(log_dir: str, experiment: str | None, fold: int | None = 
     return f"{log_dir}/{experiment}/{run}/checkpoints/last.pt"
 
 
+def class_count(classes) -> int:
+    """``dataset.num_classes`` of ``dataset=folder``: the number of names in ``dataset.classes``, a list or a text file
+    with one name per line (read by :func:`segjml.data.own.read_classes`)."""
+    from segjml.data.own import class_count as count  # the data package is imported only when this is resolved
+
+    return count(classes)
+
+
+def class_names(classes) -> list[str]:
+    """``dataset.class_names`` of ``dataset=folder``: the names of ``dataset.classes`` (a list, or read from its file),
+    so a checkpoint's stored config holds the names themselves."""
+    from segjml.data.own import read_classes
+
+    return read_classes(classes)
+
+
 # Config keys that do not define a run (dotted prefixes: every key under one counts too). They are left out of the run
 # directory's name (Hydra's ``exclude_keys``, through :func:`run_independent_overrides`), and a checkpoint resumes
 # when only they differ (``trainer.max_iters`` may only grow): the same command with one of them changed continues
@@ -286,8 +302,9 @@ class TrainerConfig:
 
 def register_configs() -> None:
     """The trainer, loss and ssl schemas in Hydra's ConfigStore, the ``run_name`` resolver the main config names runs
-    with, ``teacher_checkpoint`` (the KD teacher's default path), and the ``sweep_dirname`` and
-    ``run_independent_overrides`` ones that place runs and a sweep's jobs (``configs/hydra/default.yaml``)."""
+    with, ``teacher_checkpoint`` (the KD teacher's default path), the ``sweep_dirname`` and
+    ``run_independent_overrides`` ones that place runs and a sweep's jobs (``configs/hydra/default.yaml``), and
+    ``class_count`` and ``class_names`` (``dataset=folder``'s classes)."""
     ConfigStore.instance().store(group="trainer", name="base_trainer", node=TrainerConfig)
     register_loss_schemas(ConfigStore.instance())  # loss/common/base_criterion, ssl/base_ssl
     for name, resolver in (
@@ -295,6 +312,8 @@ def register_configs() -> None:
         ("teacher_checkpoint", teacher_checkpoint),
         ("sweep_dirname", sweep_dirname),
         ("run_independent_overrides", run_independent_overrides),
+        ("class_count", class_count),
+        ("class_names", class_names),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from segjml.data.errors import DataError
-from segjml.data.folder import SegmentationFolder
+from segjml.data.folder import SegmentationFolder, reduce_zero_label
 
 CLASS_NAMES = (
     "wall",
@@ -200,4 +200,4 @@ class ADE20K(SegmentationFolder):
         if raw.max(initial=0) > self.num_classes:
             value = int(raw[raw > self.num_classes][0])
             raise DataError(f"label {path} holds value {value}; ADE20K labels are 0-{self.num_classes}")
-        return (raw.astype(np.int16) - 1).astype(np.uint8)  # 0 -> 255 (ignore), k -> k - 1
+        return reduce_zero_label(raw)  # 0 -> 255 (ignore), k -> k - 1

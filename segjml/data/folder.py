@@ -43,6 +43,15 @@ def read_label(path: str | Path, mode: str = "index") -> np.ndarray:
         raise DataError(f"cannot read label {path}: {type(err).__name__}: {err}") from err
 
 
+def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """ADE20K's label convention: value 0 ("other") becomes ``ignore_index`` and every other value moves down by one;
+    ``ignore_index`` itself stays. ``uint8`` in, ``uint8`` out when ``ignore_index`` fits (else ``int64``)."""
+    out_dtype = np.uint8 if label.dtype == np.uint8 and 0 <= ignore_index < 256 else np.int64
+    shifted = label.astype(np.int64) - 1
+    shifted[(label == 0) | (label == ignore_index)] = ignore_index
+    return shifted.astype(out_dtype)
+
+
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """HWC uint8 image -> CHW uint8 tensor; label -> uint8 tensor (int64 if it was not uint8). They are converted to
     float / int64 on the device (:class:`~segjml.data.transforms.BatchToDevice`)."""

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,8 @@ def evaluated_weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
-    """Colours of the data set's classes (from its data set class), for colour-coded predictions.
+    """Colours of the data set's classes (from its data set class, else ``dataset.palette``), for colour-coded
+    predictions.
 
     The class is looked up in :data:`segjml.data.DATASET_TARGETS`, never imported by name (the config is a
     checkpoint's); another class gets grey levels only.
@@ -130,11 +131,30 @@ def dataset_palette(dataset_cfg: DictConfig) -> list[tuple[int, int, int]]:
     from segjml.data import DATASET_TARGETS
 
     cls = DATASET_TARGETS.get(dataset_cfg.val._target_)
-    palette = list(getattr(cls, "palette", []))
+    palette = [tuple(c) for c in getattr(cls, "palette", [])]
+    if not palette and dataset_cfg.get("palette"):  # dataset=folder: the mask colours; the first is 0's if ignored
+        palette = [
+            tuple(int(v) for v in c) for c in dataset_cfg.palette[int(bool(dataset_cfg.get("reduce_zero_label"))) :]
+        ]
     n = dataset_cfg.num_classes
     if len(palette) < n:  # pad with grey levels for classes without a colour
         palette += [(int(255 * i / max(n - 1, 1)),) * 3 for i in range(len(palette), n)]
     return palette
+
+
+def dataset_class_names(dataset_cfg: DictConfig) -> list[str]:
+    """Names of the data set's classes: its data set class's ``class_names`` (looked up in
+    :data:`segjml.data.DATASET_TARGETS`, as :func:`dataset_palette` does), else the config's ``class_names`` (those of
+    ``dataset=folder``), else ``"0" .. "C-1"``."""
+    from segjml.data import DATASET_TARGETS
+
+    n = dataset_cfg.num_classes
+    names = getattr(DATASET_TARGETS.get(dataset_cfg.val._target_), "class_names", None)
+    if not names:
+        listed = dataset_cfg.get("class_names")  # dataset=folder: read from dataset.classes, stored resolved
+        names = listed if isinstance(listed, Sequence) and not isinstance(listed, str) else None
+    names = [str(name) for name in names or ()]
+    return names if len(names) == n else [str(i) for i in range(n)]
 
 
 def stored_dataset(path: str, state: dict) -> DictConfig:
@@ -177,7 +197,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
 
 def predict_images(cfg: DictConfig) -> list[Path]:
-    """``predict.py``: colour-coded prediction, overlay and confidence map of every input image."""
+    """``predict.py``: colour-coded prediction, overlay and confidence map of every input image, predicted by
+    :class:`~segjml.engine.segmenter.Segmenter` in the mode ``cfg`` gives (``mode``, ``flip``, ``scales``)."""
     import glob
 
     import cv2
@@ -185,12 +206,11 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
     from segjml.data.errors import DataError
     from segjml.data.folder import read_image
-    from segjml.data.transforms import BatchToDevice
-    from segjml.engine.inference import InferenceMode
+    from segjml.engine.segmenter import Segmenter
 
-    device = resolve_device(cfg.device)
-    model, state = load_trained(cfg.ckpt, device)
-    data_cfg = stored_dataset(cfg.ckpt, state)
+    segmenter = Segmenter.from_checkpoint(
+        cfg.ckpt, cfg.device, mode=cfg.mode, flip=bool(cfg.flip), scales=list(cfg.scales)
+    )
     source = Path(str(cfg.inputs))
     files = (
         sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -199,17 +219,13 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     )
     if not files:
         raise DataError(f"no .jpg / .png images match inputs={cfg.inputs}")
-    palette = torch.tensor(dataset_palette(data_cfg), dtype=torch.uint8)
-    to_device = BatchToDevice(device, data_cfg.mean, data_cfg.std)
-    inference = InferenceMode.from_config(cfg, data_cfg.crop_size)
+    palette = torch.tensor(segmenter.palette, dtype=torch.uint8)
     colormap = matplotlib.colormaps["viridis"]
     out_dir = Path(cfg.paths.output_dir)
     written = []
     for path in files:
         image = read_image(path)
-        x = to_device.images(torch.from_numpy(image).permute(2, 0, 1)[None])
-        probs = inference.probs(model, x)[0].cpu()
-        conf, pred = probs.max(0)
+        conf, pred = segmenter(image, return_probs=True).probs.cpu().max(0)
         colour = palette[pred].numpy()
         overlay = (cfg.overlay_alpha * colour + (1 - cfg.overlay_alpha) * image).round().astype("uint8")
         confidence = (colormap(conf.numpy())[..., :3] * 255).round().astype("uint8")
