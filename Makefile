@@ -27,7 +27,7 @@ test: $(STAMP) ## Run the test suite (every non-slow test)
 test-slow: $(STAMP) ## Run only the slow tests (multi-process, large models)
 	$(PY) -m pytest -q -m slow
 
-LINTED := segjml tests scripts train.py eval.py predict.py
+LINTED := segjml tests scripts train.py eval.py predict.py export.py
 lint: $(STAMP) ## Lint and check formatting with ruff (the same as the pre-commit hooks)
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)

@@ -1,5 +1,5 @@
-"""The commands ``segjml-train`` / ``segjml-eval`` / ``segjml-predict`` (and ``train.py`` / ``eval.py`` /
-``predict.py`` in a checkout, which call the same functions).
+"""The commands ``segjml-train`` / ``segjml-eval`` / ``segjml-predict`` / ``segjml-export`` (and ``train.py`` /
+``eval.py`` / ``predict.py`` / ``export.py`` in a checkout, which call the same functions).
 
 Each composes its config from the configs shipped in the package and runs under :func:`guarded`: an input error (a
 bad value, a missing file, a checkpoint that does not fit) ends the process with one line on stderr and exit code 2,
@@ -176,6 +176,13 @@ def run_prediction(cfg: DictConfig) -> None:
     guarded(cfg, lambda: predict_images(cfg))
 
 
+def run_export(cfg: DictConfig) -> None:
+    """Write a checkpoint's model as ONNX or TorchScript (``export`` config)."""
+    from segjml.engine.export import export_checkpoint
+
+    guarded(cfg, lambda: export_checkpoint(cfg))
+
+
 def _hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Any:
     """Run ``task`` as a Hydra app; a config refused while it is composed ends with one line and exit code 2.
 
@@ -239,3 +246,8 @@ def eval_main() -> None:
 def predict_main() -> None:
     """``segjml-predict ckpt=<path> inputs=<dir or glob>`` (= ``python predict.py``)."""
     _hydra_main("predict", run_prediction)
+
+
+def export_main() -> None:
+    """``segjml-export ckpt=<path> [format=onnx|torchscript] [output=<file>]`` (= ``python export.py``)."""
+    _hydra_main("export", run_export)

@@ -181,6 +181,9 @@ def test_documented_command(doc, command, tmp_path):
             config_name=name,
         )
         check_overrides_hold(cfg, overrides)
+    elif args[0] == "segjml-export" or args[:2] == ["python", "export.py"]:
+        overrides = overrides_of(args[1:] if args[0].startswith("segjml-") else args[2:])
+        check_overrides_hold(compose(overrides, config_name="export"), overrides)
     elif args[:2] == ["python", "-m"]:
         module = args[2]
         assert importlib.util.find_spec(module) is not None, module

@@ -33,16 +33,19 @@ from tests.helpers import ROOT
 from tests.test_docs_commands import COMMANDS, train_args, words
 
 TINY = ["debug=fast", "trainer.max_iters=2", "pretrained=false"]
-# docs/training.md, "Run names and run directories": overrides left out of the run directory's name
-NOT_IN_DIRNAME = {
-    "experiment",
-    "trainer.resume",
-    "trainer.allow_config_change",
-    "trainer.progress",
-    "trainer.num_workers",
-    "paths.log_dir",
-    "teacher.checkpoint",
-}
+
+
+def _documented_not_in_dirname() -> set[str]:
+    """docs/training.md, "Run names and run directories": the keys of the table in "Resuming, and a config that
+    changed" (every key in backticks of its first column), plus ``experiment`` and ``name``."""
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text.split("nor are they part of the run directory's name):", 1)[1].split("\n\n", 2)[1]
+    keys = {k for row in table.splitlines()[2:] for k in re.findall(r"`([a-z_.]+)`", row.split(" | ")[0])}
+    assert {"trainer.max_iters", "paths", "logger"} <= keys, keys  # the table was found
+    return keys | {"experiment", "name"}
+
+
+NOT_IN_DIRNAME = _documented_not_in_dirname()
 # train.yaml's defaults: the groups a run is named after when no preset is chosen
 DEFAULT_GROUPS = {"dataset": "synthetic", "model": "demo", "loss": "ce_jml"}
 
@@ -52,7 +55,13 @@ def documented_run_dir(log_dir: Path, overrides: list[str]) -> Path:
     given = dict(o.split("=", 1) for o in overrides)
     groups = {**DEFAULT_GROUPS, **{k: v for k, v in given.items() if k in DEFAULT_GROUPS}}
     name = given.get("experiment") or f"{groups['dataset']}_{groups['model']}_{groups['loss']}"
-    return log_dir / name / ",".join(sorted(o for o in overrides if o.split("=", 1)[0] not in NOT_IN_DIRNAME))
+    kept = [o for o in overrides if not _left_out(o.split("=", 1)[0])]
+    return log_dir / name / ",".join(sorted(kept))
+
+
+def _left_out(key: str) -> bool:
+    """A documented key, or a key under one (``paths.log_dir`` under ``paths``)."""
+    return any(key == k or key.startswith(k + ".") for k in NOT_IN_DIRNAME)
 
 
 def sweep_commands() -> list[str]:

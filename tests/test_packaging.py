@@ -86,4 +86,4 @@ def test_script_dependencies_are_declared_in_an_extra():
     assert 'extra == "prepare"' in " ".join(scipy)
     assert "import scipy" in (ROOT / "scripts" / "prepare_voc_aug.py").read_text()
     scripts = {e.name for e in metadata.distribution("segjml").entry_points if e.group == "console_scripts"}
-    assert scripts == {"segjml-train", "segjml-eval", "segjml-predict"}
+    assert scripts == {"segjml-train", "segjml-eval", "segjml-predict", "segjml-export"}

@@ -28,6 +28,19 @@ NEW_PRESETS = {
 }
 
 
+# Presets added after the snapshot with nothing in it to resolve as: their own tests check them
+# (dataset=folder: tests/test_folder_dataset.py; the loggers: tests/test_loggers.py; and the generic config tests of
+# tests/test_configs.py).
+ADDED_PRESETS = {
+    "dataset=folder",
+    "eval dataset=folder",
+    "optimizer=folder",
+    "recipe=folder",
+    "logger=tensorboard",
+    "logger=mlflow",
+}
+
+
 def _bls_presets_without_rule(name: str) -> bool:
     """The BLS loss options chosen without a preset: they now bring the authors' rule (``strict_ignore: true``)."""
     return name in ("loss=ce_bls", "loss=ce_jml_bls")
@@ -101,11 +114,14 @@ def configs():
 
 
 def test_every_preset_is_in_the_snapshot_or_listed_as_new():
-    assert set(PRESETS) - set(NEW_PRESETS) == set(SNAPSHOT), "a preset was added or removed: list it in NEW_PRESETS"
+    assert set(PRESETS) - set(NEW_PRESETS) - ADDED_PRESETS == set(SNAPSHOT), (
+        "a preset was added or removed: list it in NEW_PRESETS or ADDED_PRESETS"
+    )
+    assert ADDED_PRESETS <= set(PRESETS)
     assert set(NEW_PRESETS) <= set(PRESETS)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - ADDED_PRESETS))
 def test_preset_resolves_as_in_the_snapshot_except_the_intended_differences(name, configs):
     diff = differences(expected(name), _flat(resolved(configs[name])))
     assert not diff, f"{name} resolves differently from the snapshot (with INTENDED applied):\n" + "\n".join(diff)
@@ -114,7 +130,7 @@ def test_preset_resolves_as_in_the_snapshot_except_the_intended_differences(name
 def test_every_intended_difference_is_a_difference():
     """An entry of INTENDED that matches no preset, or gives a preset the value it had, lists nothing."""
     for applies, key, value in INTENDED:
-        names = [n for n in PRESETS if applies(n)]
+        names = [n for n in PRESETS if n not in ADDED_PRESETS and applies(n)]
         assert names, f"INTENDED {key}: no preset"
         for name in names:
             before = _flat(SNAPSHOT[NEW_PRESETS.get(name, name)]).get(key, MISSING)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -31,10 +32,12 @@ from segjml.data.loader import shutdown_workers
 from segjml.data.transforms import BatchToDevice
 from segjml.engine import distributed as D
 from segjml.engine.checkpoint import CheckpointError, find_resumable, load_checkpoint, load_model_state, save_atomic
+from segjml.engine.commands import dataset_palette
 from segjml.engine.distillation import build_teacher, teacher_logits
 from segjml.engine.inference import InferenceMode, evaluate, write_report
-from segjml.engine.logger import RunLogger
+from segjml.engine.logger import RunLogger, figure_image, fit, overlay
 from segjml.engine.optim import build_optimizer
+from segjml.engine.report import reliability_diagram
 from segjml.engine.ssl import SemiSupervised, build_ssl, ssl_terms, step_generator
 from segjml.engine.stopping import RunLock, RunLockedError, StopSignal, annotate, deferred_worker_deaths, worker_died
 from segjml.metrics import SegmentationMetrics
@@ -481,10 +484,35 @@ def evaluate_and_keep_best(run: Run, state: TrainState, logger: RunLogger) -> di
     if run.device.type == "cuda":  # the training peak logged next excludes the evaluation's
         torch.cuda.reset_peak_memory_stats(run.device)
     logger.log(state.iteration, {f"val/{k}": v for k, v in result.items() if k != "iou_per_class"})
+    if logger.overlays is not None:  # logger=tensorboard (rank 0's logger only: the others take no images)
+        logger.images(state.iteration, evaluation_images(run, logger.overlays))
     if result["miou"] > state.best_miou:
         state.best_miou = result["miou"]
         save_checkpoint(run, state, "best")
     return result
+
+
+def evaluation_images(run: Run, count: int) -> dict[str, np.ndarray]:
+    """The reliability diagram of the evaluation just run and the first ``count`` validation images, each as its
+    prediction overlaid (left) beside its label overlaid (right), predicted as the evaluation predicts them.
+
+    One process calls it alone: no collective."""
+    model = run.ssl.eval_model(run.model) if run.ssl is not None else run.model
+    inference = InferenceMode.from_config(run.cfg.trainer.eval, run.cfg.dataset.crop_size)
+    palette = np.array(dataset_palette(run.cfg.dataset), dtype=np.uint8)
+    ignore = run.cfg.dataset.ignore_index
+    images = {"val/reliability": figure_image(lambda f: reliability_diagram(run.metrics.reliability(), f))}
+    dataset = run.val_loader.dataset
+    was_training = model.training
+    model.eval()
+    for i in range(min(count, len(dataset))):
+        image, label = dataset[i]
+        pred = inference.probs(model, run.to_device.images(image[None])).argmax(1)[0].cpu().numpy()
+        hwc, label = image.permute(1, 2, 0).numpy(), label.numpy()
+        pair = np.concatenate([overlay(hwc, pred, palette, ignore), overlay(hwc, label, palette, ignore)], axis=1)
+        images[f"val/prediction_{i}"] = fit(pair, 1024)
+    model.train(was_training)
+    return images
 
 
 class Meter:
@@ -684,6 +712,7 @@ def finish(run: Run, state: TrainState, logger: RunLogger) -> dict:
     if run.dist.is_main:
         log.info("run directory: %s", run.run_dir)
         write_report(result, run.metrics, run.run_dir, run.class_names, run.cfg.name)  # the table comes last
+        logger.artifacts(run.run_dir)
     return result
 
 
@@ -691,9 +720,9 @@ def train(cfg: DictConfig) -> dict:
     """Train and evaluate one run; returns the final metrics (``{"stopped_at": it, "signal": name}`` after a stop
     signal: the caller ends with code 130 after Ctrl-C).
 
-    The run directory is locked (``run.lock``) for the duration. Signal handlers, the lock, the log file, wandb and
-    the process group are released whatever happens, so a caller that trains several runs in one process (``make
-    reproduce-smoke``) starts each from a clean state.
+    The run directory is locked (``run.lock``) for the duration. Signal handlers, the lock, the log file, the
+    tracker (``logger=``) and the process group are released whatever happens, so a caller that trains several runs
+    in one process (``make reproduce-smoke``) starts each from a clean state.
     """
     check_trainer_config(cfg.trainer)
     dist, device = D.init_distributed(cfg.trainer.device)
@@ -703,7 +732,7 @@ def train(cfg: DictConfig) -> dict:
         lock = lock_run_dir(cfg, dist, device)
         run = build_run(cfg, dist, device)
         state = resume(run)
-        logger = RunLogger(run.run_dir, cfg, enabled=run.dist.is_main)
+        logger = RunLogger(run.run_dir, cfg, enabled=run.dist.is_main, start=state.iteration)
         stop = StopSignal()
         result = train_loop(run, state, stop, logger)
     finally:
