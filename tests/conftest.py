@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -21,3 +22,13 @@ def pytest_report_header(config) -> list[str]:
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"hydra-core {hydra.__version__}"
     ]
+
+
+@pytest.fixture(scope="session")
+def preset_configs():
+    """Every preset (``<group>=<option>``, and ``train``), composed once per session with the fixed paths of
+    ``scripts/preset_snapshot.py``: name -> config (output directory: the run directory)."""
+    from scripts.preset_snapshot import composed, presets
+    from segjml.config import CONFIG_DIR
+
+    return {name: composed(*spec) for name, spec in presets(CONFIG_DIR).items()}

@@ -16,7 +16,7 @@ from segjml.data.deepglobe import fold_split
 from segjml.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchToDevice, RandomScaleCrop, train_transform
 from segjml.labels import boundary_map
 from tests.fixtures import DEEPGLOBE_COLOURS, write_ade20k, write_cityscapes, write_deepglobe, write_voc
-from tests.helpers import ROOT
+from tests.helpers import ROOT, compose_config
 
 
 # --- discovery and label mapping ----------------------------------------------------------------------------------
@@ -217,7 +217,8 @@ def test_validate_cli_lists_every_bad_file(tmp_path):
     root = write_ade20k(tmp_path / "ade20k")
     images = sorted((root / "ADEChallengeData2016" / "images" / "training").glob("*.jpg"))
     images[1].write_bytes(b"broken")
-    cmd = [sys.executable, "-m", "segjml.data.validate", "dataset=ade20k", f"paths.data_dir={tmp_path}"]
+    logs = f"paths.log_dir={tmp_path / 'logs'}"  # the data report goes there, not into the checkout
+    cmd = [sys.executable, "-m", "segjml.data.validate", "dataset=ade20k", logs, f"paths.data_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"bad: cannot read image {images[1]}" in proc.stdout
@@ -307,12 +308,29 @@ def test_train_runs_on_each_fixture(name, tmp_path):
     assert list((tmp_path / "out").rglob("metrics.json"))
 
 
-def test_training_split_smaller_than_a_batch_is_refused(tmp_path):
-    from segjml.data import build_loader
+def test_a_training_split_smaller_than_a_batch_fills_its_batches_with_copies(tmp_path, caplog):
+    """3 samples, batch 8: an epoch is 3 copies (9 keys, one batch, the ninth dropped); each key is augmented by
+    itself, so the copies of a sample differ."""
+    from segjml.data import build_dataset, build_loader
 
-    dataset = Cityscapes(write_cityscapes(tmp_path / "cs", sizes=(("train", 3),)), "train")
-    with pytest.raises(DataError, match="3 samples, fewer than one batch .*batch_size=8"):
-        build_loader(dataset, 8, True)
+    cfg = compose_config(["dataset=cityscapes", f"paths.data_dir={tmp_path}", "dataset.crop_size=[32,32]"])
+    write_cityscapes(tmp_path / "cityscapes", sizes=(("train", 3),))
+    dataset = build_dataset(cfg.dataset, "train")
+    with caplog.at_level("INFO", logger="segjml.data.loader"):
+        loader = build_loader(dataset, 8, True, num_workers=0, seed=5)
+    assert "has 3 samples, fewer than one batch (trainer.batch_size=8 x 1 process(es))" in caplog.text
+    assert "every sample 3 times" in caplog.text
+    keys = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        keys.append(list(loader.sampler))
+    assert [sorted(k % 3 for k in epoch) for epoch in keys] == [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2
+    assert [sorted(epoch) for epoch in keys] == [list(range(9)), list(range(9, 18))]
+    loader.sampler.set_epoch(0)
+    (images, labels), *rest = list(loader)
+    assert not rest and images.shape == (8, 3, 32, 32)
+    copies = [i for i, key in enumerate(keys[0][:8]) if key % 3 == keys[0][0] % 3]
+    assert len(copies) >= 2 and not torch.equal(images[copies[0]], images[copies[1]])
 
 
 def test_train_on_a_broken_root_stops_with_one_line(tmp_path):

@@ -404,7 +404,7 @@ def test_the_documented_commands_train_and_validate_a_folder(tmp_path):
     write_folder(tmp_path / "mine")
     write_folder(tmp_path / "rgb", masks="rgb", seed=1)
     write_folder(tmp_path / "ade_like", reduce_zero=True, seed=2)
-    proc = run(validate[0], tmp_path)
+    proc = run(validate[0], tmp_path, f"paths.log_dir={tmp_path / 'logs'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"folder: {sum(SPLITS.values())} samples scanned, 0 bad" in proc.stdout
     for i, command in enumerate(train):

@@ -7,6 +7,7 @@ import torch
 
 from segjml.labels import boundary_label_smoothing, boundary_map, distillation_targets, near_ignore_map
 from segjml.losses import CrossEntropyLoss
+from tests.helpers import group_options
 
 IG = 255  # the ignore value
 
@@ -254,18 +255,13 @@ def test_distillation_targets_are_resized_tempered_distributions():
     assert p4.amax(1).mean() < p1.amax(1).mean()  # a higher temperature gives softer targets
 
 
-def _presets_with_bls():
-    from tests.helpers import compose_config, group_options
-
-    out = {}
-    for name in group_options("experiment"):
-        cfg = compose_config([f"experiment={name}"])
-        out[name] = (cfg.loss.bls, cfg.teacher.get("experiment"))
-    return out
-
-
-def test_every_paper_bls_preset_and_kd_teacher_uses_the_authors_rule():
-    presets = _presets_with_bls()
+def test_every_paper_bls_preset_and_kd_teacher_uses_the_authors_rule(preset_configs):
+    presets = {
+        name.removeprefix("experiment="): (cfg.loss.bls, cfg.teacher.get("experiment"))
+        for name, cfg in preset_configs.items()
+        if name.startswith("experiment=")
+    }
+    assert len(presets) == len(group_options("experiment"))
     paper = {n for n in presets if n.split("_")[0] in ("cs", "voc", "ade", "dg")}
     with_bls = {n for n in paper if presets[n][0] is not None}
     assert len(with_bls) >= 41  # Tables 1-3, 8, 10, 13: every BLS cell and every KD teacher

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import random
 import weakref
 
@@ -17,6 +18,8 @@ from segjml.data.samplers import ResumableSampler, SeededSamples, ShardSampler
 from segjml.data.transforms import train_transform
 from segjml.utils import build
 from segjml.utils.signals import ignore_stop_signals, stop_signals_blocked
+
+log = logging.getLogger(__name__)
 
 
 def build_dataset(cfg: DictConfig, split: str, limit: int | None = None, transform: bool = True) -> Dataset:
@@ -115,13 +118,20 @@ def build_loader(
     all ranks (:class:`ShardSampler`), so metrics synchronised across ranks equal a single-process evaluation.
     """
     if train:
-        if len(dataset) < batch_size * world_size:
-            raise DataError(
-                f"the training split has {len(dataset)} samples, fewer than one batch "
-                f"(trainer.batch_size={batch_size} x {world_size} process(es)); lower trainer.batch_size"
+        if len(dataset) == 0:
+            raise DataError("the training split holds no sample")
+        repeats = -(-batch_size * world_size // len(dataset))  # a split smaller than one batch: epochs of copies
+        if repeats > 1:
+            log.info(
+                "the training split has %d samples, fewer than one batch (trainer.batch_size=%d x %d process(es)): "
+                "each epoch shows every sample %d times",
+                len(dataset),
+                batch_size,
+                world_size,
+                repeats,
             )
-        sampler = ResumableSampler(len(dataset), seed, rank, world_size)
-        dataset = SeededSamples(dataset, seed)
+        sampler = ResumableSampler(len(dataset) * repeats, seed, rank, world_size)
+        dataset = SeededSamples(dataset, seed, repeats)
     else:
         sampler = ShardSampler(len(dataset), rank, world_size)
     return QuietWorkersLoader(

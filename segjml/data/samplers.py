@@ -74,17 +74,19 @@ class SeededSamples(Dataset):
     """Maps a sample key ``k`` to ``dataset[k % n]`` with the augmentation seeded from ``(seed, k)``.
 
     The wrapped data set's ``transform`` (an albumentations ``Compose``) gets fresh generators for every sample;
-    Python's and NumPy's global generators are seeded as well for transforms that use them.
+    Python's and NumPy's global generators are seeded as well for transforms that use them. ``repeats`` copies of
+    the data set make one epoch (``len`` is ``repeats * n``), so that a split smaller than one batch still fills
+    batches; every copy of a sample is augmented with its own key.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, repeats: int = 1) -> None:
+        self.dataset, self.seed, self.repeats = dataset, seed, repeats
         self.n = len(dataset)  # type: ignore[arg-type]
         inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
         self.transform = getattr(inner, "transform", None)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n * self.repeats
 
     def __getitem__(self, key: int):
         # Not derive_seed(seed, key): every run's augmentations (the demo's figures in docs/benchmarks.md among them)

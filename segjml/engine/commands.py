@@ -193,6 +193,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     result = evaluate(model, loader, metrics, to_device, InferenceMode.from_config(cfg, data_cfg.crop_size))
     title = f"{(state.get('config') or {}).get('name', '')} eval"
     write_report(result, metrics, cfg.paths.output_dir, class_names_of(val_set, data_cfg.num_classes), title)
+    print(f"wrote {Path(cfg.paths.output_dir) / 'metrics.json'} and reliability.png")
     return result
 
 
