@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjml.config import compose
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_in_process
 from tests.test_folder_dataset import CLASSES, FAST, PALETTE, SPLITS, H, W, write_folder
 
 DOC = ROOT / "docs" / "own-data.md"
@@ -163,23 +162,12 @@ def test_the_tutorial_takes_a_folder_to_an_evaluated_predicted_and_exported_mode
     )
 
 
-def composed(command: str, data: Path, output_dir: Path, run_dir: Path | None = None, *extra: str):
-    """The config ``command`` composes (as ``run`` would start it) and the function its script calls with it."""
-    from segjml.engine import train
-    from segjml.engine.commands import evaluate_checkpoint, predict_images
-    from segjml.engine.export import export_checkpoint
-
+def in_process(command: str, data: Path, output_dir: Path, run_dir: Path | None = None, *extra: str):
+    """``command`` as ``run`` would start it, run in this process (``tests.helpers.run_in_process``)."""
     if run_dir is not None:
         command = command.replace("<run dir>", str(run_dir))
     args = [arg.replace("/data/", f"{data}/") for arg in shlex.split(command)]
-    name, task = {
-        "train.py": ("train", train),
-        "eval.py": ("eval", evaluate_checkpoint),
-        "predict.py": ("predict", predict_images),
-        "export.py": ("export", export_checkpoint),
-    }[args[1]]
-    output_dir.mkdir(parents=True, exist_ok=True)  # Hydra's app makes its run directory; compose does not
-    return compose([*args[2:], *extra], name, output_dir=output_dir), task
+    return run_in_process(args[1], [*args[2:], *extra], output_dir)
 
 
 @pytest.mark.parametrize("variant", ["rgb", "ade_like"])
@@ -193,10 +181,8 @@ def test_the_variants_train_evaluate_predict_and_export(data, tmp_path, variant)
     (command,) = [c for c in commands("variants") if f"/data/{variant} " in c]
     _, _, evaluate, predict, export = commands("tutorial")
     run_dir = tmp_path / "run"
-    cfg, train = composed(command, root, run_dir, None, *FAST)
-    train(cfg)
-    cfg, evaluate_checkpoint = composed(evaluate, root, tmp_path / "eval", run_dir, "num_workers=0")
-    metrics = evaluate_checkpoint(cfg)
+    in_process(command, root, run_dir, None, *FAST)
+    metrics = in_process(evaluate, root, tmp_path / "eval", run_dir, "num_workers=0")
     stored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert stored["class_names"] == ["road", "building", "tree"] and stored["miou"] == metrics["miou"]
 
@@ -205,15 +191,12 @@ def test_the_variants_train_evaluate_predict_and_export(data, tmp_path, variant)
     predicted = [segmenter(path).numpy() for path in images]
     assert metrics["miou"] == pytest.approx(mean_iou(predicted, labels[variant]["val"], len(CLASSES)), abs=1e-9)
 
-    predict = predict.replace("/data/mine/", f"/data/{variant}/")
-    cfg, predict_images = composed(predict, root, tmp_path / "pred", run_dir)
-    predict_images(cfg)
+    in_process(predict.replace("/data/mine/", f"/data/{variant}/"), root, tmp_path / "pred", run_dir)
     pred = np.asarray(Image.open(tmp_path / "pred" / f"{images[0].stem}_pred.png").convert("RGB"))
     if variant == "rgb":  # the predicted classes in the colours the masks use
         np.testing.assert_array_equal(pred, np.asarray(PALETTE, dtype=np.uint8)[predicted[0]])
     else:  # grey levels, one per class
         assert len(np.unique(pred.reshape(-1, 3), axis=0)) == len(np.unique(predicted[0]))
 
-    cfg, export_checkpoint = composed(export, root, tmp_path / "export", run_dir)
-    path = export_checkpoint(cfg)
+    path = in_process(export, root, tmp_path / "export", run_dir)
     assert path == tmp_path / "export" / "model.onnx" and path.is_file()

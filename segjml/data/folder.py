@@ -55,12 +55,12 @@ def reduce_zero_label(label: np.ndarray, ignore_index: int = 255) -> np.ndarray:
 def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """HWC uint8 image -> CHW uint8 tensor; label -> uint8 tensor (int64 if it was not uint8). They are converted to
     float / int64 on the device (:class:`~segjml.data.transforms.BatchToDevice`)."""
-    image_t = torch.from_numpy(np.ascontiguousarray(image))
+    image_t = torch.from_numpy(np.require(image, requirements="CW"))  # a copy only if strided or read-only (PIL)
     if image_t.ndim == 3:
         image_t = image_t.permute(2, 0, 1)
     if label.dtype != np.uint8:
         label = label.astype(np.int64)
-    return image_t, torch.from_numpy(np.ascontiguousarray(label))
+    return image_t, torch.from_numpy(np.require(label, requirements="CW"))
 
 
 class SegmentationFolder(Dataset):

@@ -2,8 +2,9 @@
 
 The training sampler yields *sample keys* ``k = epoch * n + index``. :class:`SeededSamples` turns a key back into the
 sample index and seeds the augmentation from ``(seed, k)``, so a sample's augmentation does not depend on which
-worker loads it or on where a run was resumed. The position inside an epoch can be restored (``set_epoch(epoch,
-start)``), which is what an exact resume needs.
+worker loads it or on where a run was resumed. A split smaller than one batch is sampled as ``repeats`` copies
+(``n = repeats * len(split)``, ``index % len(split)`` the sample), each copy augmented by its own key. The position
+inside an epoch can be restored (``set_epoch(epoch, start)``), which is what an exact resume needs.
 """
 
 from __future__ import annotations
