@@ -331,6 +331,19 @@ def test_a_training_split_smaller_than_a_batch_fills_its_batches_with_copies(tmp
     assert len(copies) >= 2 and not torch.equal(images[copies[0]], images[copies[1]])
 
 
+def test_a_training_split_left_empty_by_limit_train_samples_is_refused_in_one_line(tmp_path):
+    from torch.utils.data import Subset
+
+    from segjml.data import build_loader
+
+    dataset = Cityscapes(write_cityscapes(tmp_path / "cs", sizes=(("train", 3),)), "train")
+    with pytest.raises(DataError) as err:
+        build_loader(Subset(dataset, range(0)), 2, True)
+    assert str(err.value) == (
+        "the training split holds no sample; set trainer.limit_train_samples to 1 or more (null: all)"
+    )
+
+
 def test_train_on_a_broken_root_stops_with_one_line(tmp_path):
     cmd = [
         sys.executable,

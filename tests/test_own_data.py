@@ -200,3 +200,11 @@ def test_the_variants_train_evaluate_predict_and_export(data, tmp_path, variant)
 
     path = in_process(export, root, tmp_path / "export", run_dir)
     assert path == tmp_path / "export" / "model.onnx" and path.is_file()
+
+
+def test_the_readme_section_shows_commands_the_tutorial_test_runs():
+    """README's "Your own data" commands are the tutorial's own, so the tutorial's test runs them as written."""
+    section = (ROOT / "README.md").read_text().split("\n## Your own data", 1)[1].split("\n## ", 1)[0]
+    shown = [line.strip() for block in fenced("bash", section) for line in block.splitlines() if line.strip()]
+    assert len(shown) == 2 and set(shown) <= set(commands("tutorial"))
+    assert "docs/own-data.md" in section

@@ -119,7 +119,9 @@ def build_loader(
     """
     if train:
         if len(dataset) == 0:
-            raise DataError("the training split holds no sample")
+            raise DataError(
+                "the training split holds no sample; set trainer.limit_train_samples to 1 or more (null: all)"
+            )
         repeats = -(-batch_size * world_size // len(dataset))  # a split smaller than one batch: epochs of copies
         if repeats > 1:
             log.info(
